@@ -1,13 +1,14 @@
-"""Batched sampling with ``transformers``' ``generate``."""
+"""Batched sampling of responses: one prefill per prompt, then token-by-token decoding on a shared KV cache."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-from transformers import GenerationConfig
 
-from rlkit.engine import is_sharded
+from rlkit.engine import all_reduce_sum, is_sharded
+from rlkit.rollout.logprobs import position_ids_from_mask
 
 
 @dataclass
@@ -72,42 +73,84 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tup
     return (~eos_seen_before).long(), ~is_eos.any(-1)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, num_samples: int, max_new_tokens: int, greedy: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0) -> Rollout:
-    """``num_samples`` responses to each prompt, samples of one prompt adjacent.
-
-    The sampling distribution is exactly softmax(logits / temperature) (optionally
-    nucleus-truncated): no top-k or repetition penalty from the model's defaults.
-    """
+def generate(model, tokenizer, prompts: list[str], **kwargs) -> Rollout:
+    """:func:`sample` for prompt strings (tokenized without special tokens, left-padded)."""
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None if greedy else 0,  # 0 = off; None would fall back to transformers' default top_k=50 when sampling
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+    return sample(model, encoded["input_ids"], encoded["attention_mask"], eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, **kwargs)
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_token_id: int, pad_token_id: int, num_samples: int,
+           max_new_tokens: int, min_new_tokens: int = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+           share_prompt: bool = True) -> Rollout:
+    """``num_samples`` responses to each left-padded prompt, samples of one prompt adjacent.
+
+    Each prompt is prefilled once and its KV cache repeated for its samples
+    (``share_prompt``; False prefills every row, as ``transformers``' ``generate``
+    does, with the same result to float tolerance). Tokens are drawn from exactly
+    softmax(logits / temperature), optionally nucleus-truncated: no top-k or
+    repetition penalty from the model's defaults. EOS is masked for the first
+    ``min_new_tokens`` tokens. ``logits_processor(ids_so_far, scores) -> scores``
+    may reshape each step's distribution (``transformers``' processor signature).
+    """
     was_training = model.training
     model.eval()
-    # ZeRO-3: a rank whose responses all ended keeps stepping until every rank's have
-    output = model.generate(**encoded, generation_config=config, synced_gpus=is_sharded(model))
+    sharded = is_sharded(model)
+    if not share_prompt:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+    positions = position_ids_from_mask(prompt_mask)
+    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = output.past_key_values, output.logits[:, -1]
+    if share_prompt and num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, 0)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        positions = positions.repeat_interleave(num_samples, 0)
+    rows = prompt_ids.shape[0]
+    next_position = positions[:, -1:] + 1
+    mask = prompt_mask
+    tokens: list[torch.Tensor] = []
+    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    done = False
+    while True:
+        if not done:
+            scores = logits.float()
+            if logits_processor is not None:
+                scores = logits_processor(torch.cat([prompt_ids, *[t[:, None] for t in tokens]], dim=1), scores)
+            if len(tokens) < min_new_tokens:
+                scores[:, eos_token_id] = float("-inf")
+            token = scores.argmax(-1) if greedy else torch.multinomial(sampling_probs(scores, temperature, top_p), 1).squeeze(1)
+            token = token.masked_fill(finished, pad_token_id)
+            tokens.append(token)
+            finished |= token == eos_token_id
+            done = len(tokens) == max_new_tokens or bool(finished.all())
+        # ZeRO-3: a rank that is done keeps running (discarded) forwards until every rank is,
+        # because the ranks gather the sharded parameters together
+        if (all_reduce_sum(float(not done)) if sharded else float(not done)) == 0:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        output = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True)
+        logits, next_position = output.logits[:, -1], next_position + 1
     model.train(was_training)
-    prompt_len = encoded["input_ids"].shape[1]
-    response_ids = output[:, prompt_len:]
-    response_mask, truncated = response_mask_from_eos(response_ids, tokenizer.eos_token_id)
-    return Rollout(
-        prompt_ids=encoded["input_ids"].repeat_interleave(num_samples, 0),
-        prompt_mask=encoded["attention_mask"].repeat_interleave(num_samples, 0),
-        response_ids=response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id),
-        response_mask=response_mask,
-        truncated=truncated,
-    )
+    response_ids = torch.stack(tokens, dim=1)
+    response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
+                   response_mask=response_mask, truncated=truncated)
+
+
+def sampling_probs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(scores / temperature), restricted to the smallest set of tokens whose
+    probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020) when top_p < 1."""
+    probs = torch.softmax(scores / temperature if temperature != 1.0 else scores, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # the mass before this token already reaches top_p
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

@@ -1,0 +1,114 @@
+"""The speed-ups change no result: shared-prompt prefill in sampling, shared-prompt
+forward passes for log-probs and gradients, and skipping responses whose advantages
+are all zero — each against the plain computation."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import fast_overrides
+from rlkit.models.tiny import build_tiny_model
+from rlkit.rollout.generate import generate, response_mask_from_eos, sampling_probs
+from rlkit.rollout.logprobs import token_log_probs
+
+PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch = SimpleNamespace(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128)
+    return build_tiny_model(arch, [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], seed=0)
+
+
+def transformers_generate(model, tokenizer, seed: int, **settings) -> torch.Tensor:
+    torch.manual_seed(seed)
+    encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
+    config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+    model.eval()
+    output = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1]:]
+    mask, _ = response_mask_from_eos(output, tokenizer.eos_token_id)
+    return output.masked_fill(mask == 0, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("mode", ["sample", "top_p", "greedy", "min_new_tokens"])
+def test_sampling_draws_the_same_tokens_as_transformers_generate(tiny, share_prompt, mode):
+    """Same seed, same tokens as ``model.generate`` (which prefills every row)."""
+    model, tokenizer = tiny
+    ours = dict(num_samples=4, max_new_tokens=10, share_prompt=share_prompt)
+    theirs = dict(max_new_tokens=10, num_return_sequences=4, do_sample=mode != "greedy", top_k=0)
+    if mode == "top_p":
+        ours["top_p"] = theirs["top_p"] = 0.7
+    if mode == "greedy":
+        ours["greedy"], theirs["top_k"], ours["num_samples"], theirs["num_return_sequences"] = True, None, 1, 1
+    if mode == "min_new_tokens":
+        ours["min_new_tokens"] = theirs["min_new_tokens"] = 10
+    torch.manual_seed(5)
+    rollout = generate(model, tokenizer, PROMPTS, **ours)
+    expected = transformers_generate(model, tokenizer, 5, **theirs)
+    assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
+    if mode == "min_new_tokens":
+        assert rollout.response_mask.all()  # EOS masked: every response runs the full 10 tokens
+
+
+def test_nucleus_keeps_the_smallest_set_reaching_top_p():
+    probs = sampling_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 reaches 0.8: renormalised later by multinomial
+    assert torch.equal(sampling_probs(torch.zeros(1, 3), 2.0, 1.0), torch.full((1, 3), 1 / 3))
+
+
+def test_shared_prompt_log_probs_and_gradients_match_whole_rows(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(3)
+    rollout = generate(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=8)
+    order = torch.randperm(len(rollout))  # groups need not be adjacent
+    sequences, attention = rollout.sequences[order], rollout.attention_mask[order]
+    mask = rollout.response_mask[order].bool()
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        log_probs, entropy = token_log_probs(model, sequences, attention, rollout.response_ids.shape[1], temperature=0.7, with_entropy=True, share_prompt=share)
+        (log_probs * mask).sum().backward()
+        results.append((log_probs.detach()[mask], entropy[mask], [p.grad.clone() for p in model.parameters()]))
+    (plain_lp, plain_ent, plain_grads), (shared_lp, shared_ent, shared_grads) = results
+    torch.testing.assert_close(shared_lp, plain_lp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_ent, plain_ent, atol=1e-5, rtol=0)
+    for plain, shared in zip(plain_grads, shared_grads):
+        torch.testing.assert_close(shared, plain, atol=1e-4, rtol=1e-4)
+
+
+def half_constant_reward(prompts, completions, **_) -> list[float]:
+    """About half the prompts always score 0 (zero-variance groups, zero advantages);
+    the others score by response length."""
+    return [float(len(c) % 3) if sum(map(ord, p)) % 2 else 0.0 for p, c in zip(prompts, completions)]
+
+
+@pytest.mark.slow
+def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path, compose_config, monkeypatch):
+    from safetensors.torch import load_file
+
+    from rlkit.loops.policy_gradient import PolicyGradientLoop
+    from rlkit.trainer import train
+
+    def run(name: str) -> tuple[Path, list[dict]]:
+        import json
+
+        cfg = compose_config("algo=grpo", "algo.kl.coef=0", "algo.lr=1e-3", f"reward.fn={__name__}:half_constant_reward",
+                             *fast_overrides("trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=3", "model.warmstart.steps=0",
+                                             "trainer.micro_batch_per_device=4"))
+        train(cfg, str(tmp_path / name))
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return tmp_path / name / "checkpoints" / "3", [r for r in records if "reward/mean" in r]
+
+    skipping, skip_records = run("skip")
+    monkeypatch.setattr(PolicyGradientLoop, "rows_with_gradient", lambda self, rows, *_: list(rows.tensor_split(self.engine.gradient_accumulation_steps())))
+    every_row, all_records = run("all")
+    assert max(r["actor/skipped_zero_advantage_frac"] for r in skip_records) > 0
+    assert [r["reward/mean"] for r in skip_records] == [r["reward/mean"] for r in all_records]
+    skipped_weights, all_weights = load_file(str(skipping / "model.safetensors")), load_file(str(every_row / "model.safetensors"))
+    for key, value in all_weights.items():
+        torch.testing.assert_close(skipped_weights[key], value, atol=1e-5, rtol=1e-4)
