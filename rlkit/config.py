@@ -24,6 +24,7 @@ class SamplingConfig:
     temperature: float = 1.0  # rollout sampling temperature
     top_p: float = 1.0  # nucleus sampling; 1.0 disables it
     max_new_tokens: int = 32  # response length cap; longer responses are truncated
+    min_new_tokens: int = 0  # EOS is masked until a response has this many tokens (0 = off)
 
 
 @dataclass
@@ -48,6 +49,42 @@ class CriticConfig:
 
 
 @dataclass
+class VineConfig:
+    """VinePPO's Monte-Carlo values (Kazemnejad et al. 2024, arXiv:2410.01679): each response is
+    cut into steps, and the value of the state before each step is the mean reward of ``k``
+    continuations sampled from it with the current policy. ``k: 0`` (every other algorithm)
+    samples nothing; ``algo.advantage=vine`` needs ``k >= 1``."""
+
+    k: int = 0  # continuations per state, K of Eq. 5 (paper: 9; its ablation: 1 < 3 < 9); 0 = off
+    step_delimiter: str = "\n"  # a step ends after a token whose text contains this (paper: reasoning steps, cut at newlines; "" = off)
+    step_tokens: int = 0  # also end a step after this many tokens (0 = off; the paper cuts only at step boundaries)
+    max_states: Optional[int] = None  # estimate at most this many states per response, the prompt included; later steps join the last one (null = all, as in the paper)
+
+
+@dataclass
+class TruncationConfig:
+    """T-PPO's successive truncated rollout (Fan et al. 2025, "Truncated Proximal Policy Optimization",
+    arXiv:2506.15050; loop: truncated_ppo). Each step generates at most ``window`` more tokens of every
+    in-flight response; the policy trains on those tokens (Extended GAE bootstraps the ones that go on),
+    the value model on the responses that ended; ``sampling.max_new_tokens`` caps a whole response."""
+
+    window: int = 0  # tokens per response per step, the paper's window length (paper: 8k, with 24k max response length as we read it); 0 = unused (other loops)
+    value_lam: float = 1.0  # GAE lambda of the value model's targets on ended responses (1 = Monte-Carlo returns, the decoupled critic lambda of the same group's VC-PPO/VAPO); the policy's EGAE uses algo.lam
+
+
+@dataclass
+class NLPOConfig:
+    """NLPO's mask policy (Ramamurthy et al. 2023, arXiv:2210.01241, Algorithm 1; loop: nlpo): a copy
+    of the policy, refreshed every ``mask_update_every`` steps, whose top-p token set is the only
+    set the policy may sample from (and whose masked distribution PPO's ratios use)."""
+
+    top_p: float = 0.9  # p of the mask policy's top-p set (paper / RL4LMs' released NLPO configs: 0.9); 1 = no mask (plain PPO)
+    mask_update_every: int = 5  # mu: steps between copies of the policy into the mask policy (RL4LMs' configs: 5 on IMDB/GPT-2, 20 on CommonGen and CNN-DM/T5)
+    min_tokens_to_keep: int = 1  # the set keeps at least this many tokens (1 = plain top-p as the paper describes it; RL4LMs' implementation default: 100)
+    keep_eos: bool = True  # EOS is always allowed (RL4LMs un-masks the special tokens; the paper does not say)
+
+
+@dataclass
 class AlgoConfig:
     name: str = MISSING
     loop: str = "policy_gradient"  # which training loop runs: policy_gradient | sft
@@ -60,6 +97,9 @@ class AlgoConfig:
     clip_high: float = 0.2  # PPO epsilon above 1 (DAPO recommends 0.28)
     kl: KLConfig = field(default_factory=KLConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    truncation: TruncationConfig = field(default_factory=TruncationConfig)  # T-PPO (loop: truncated_ppo): window length and the value model's lambda
+    vine: VineConfig = field(default_factory=VineConfig)  # VinePPO: Monte-Carlo state values instead of a critic (advantage: vine)
+    nlpo: NLPOConfig = field(default_factory=NLPOConfig)  # NLPO (loop: nlpo): the mask policy's top-p and refresh interval
     reward_norm: str = "none"  # none | batch (whiten scores over the batch) | running (by running mean/std, PPO-max)
     reward_clip: float = 0.0  # clip normalised scores into [-c, c] (PPO-max: 5 after normalisation); 0 = off
     entropy_coef: float = 0.0  # bonus on the policy entropy (0 = off)
@@ -88,9 +128,11 @@ class AlgoConfig:
     pspo_alpha: float = 0.1  # pspo: smoothing of pi toward pi_old before the ratio, in [0, 1); 0 = unclipped ratio
     apa_lambda: float = 1.0  # apa: lambda, the advantage scale 1/lambda of the target log pi_init + A / lambda
     rebel_eta: float = 1.0  # rebel: eta, log-ratio differences are divided by it (the paper tunes it per task)
+    p3o_clip: str = "joint"  # p3o: joint (P3O-V2) clips the pair's log-ratio difference, separate (P3O-V1) each response's log-ratio
+    p3o_weight_cap: float = 10.0  # p3o: c, the pair's importance weight rho1 rho2 is clipped into [1/c, c] (authors' code: 10); 1 = no weighting
     # --- preference, ranking and rejection-sampling training (loops: preference, online_preference; see conf/algo/dpo.yaml)
     preference_loss: str = "sigmoid"  # preference loss registry name: sigmoid (DPO) | ipo | hinge | cdpo | robust | rpo | rrhf | pro | sft
-    beta: float = 0.1  # DPO-family temperature on the log-ratio margin (DPO: 0.1); also RSO's rejection-sampling temperature
+    beta: float = 0.1  # DPO-family temperature on the log-ratio margin (DPO: 0.1); also RSO's rejection-sampling temperature and copg's beta in r - beta ln(pi/pi_ref)
     label_smoothing: float = 0.0  # cdpo, robust: assumed fraction of flipped preference labels, in [0, 0.5)
     rpo_alpha: float = 1.0  # rpo: weight of the chosen response's per-token NLL (Pang et al. 2024: 1)
     sft_weight: float = 1.0  # rrhf, pro: weight of the best response's NLL

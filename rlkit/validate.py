@@ -38,18 +38,20 @@ CHOICES = {
     "algo.preference_loss": PREFERENCE_LOSSES,
     "algo.reference": ("model", "precomputed"),
     "algo.selection": RESPONSE_SELECTIONS,
+    "algo.p3o_clip": ("joint", "separate"),
 }
 
 POSITIVE = (
     "algo.group_size", "algo.max_sampling_rounds", "algo.update_epochs", "algo.minibatches", "algo.sampling.max_new_tokens", "trainer.prompts_per_step_global",
     "trainer.micro_batch_per_device", "eval.batch_size_per_device", "model.warmstart.batch_size_global", "hardware.num_procs",
+    "algo.nlpo.mask_update_every", "algo.nlpo.min_tokens_to_keep",
 )
 PREEMPT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")  # what SLURM (--signal, preemption) or a user may send
 NON_NEGATIVE = (
     "trainer.max_steps", "trainer.eval_every", "trainer.save_every", "trainer.keep_checkpoints", "eval.pass_k", "model.warmstart.steps",
     "algo.kl.coef", "algo.clip_low", "algo.clip_high", "algo.warmup_steps", "algo.max_grad_norm", "algo.weight_decay",
     "algo.positive_weight", "algo.gppo_beta1", "algo.gppo_beta2",
-    "algo.critic.clip", "algo.critic.coef", "algo.critic.pretrain_steps", "algo.reward_clip",
+    "algo.critic.clip", "algo.critic.coef", "algo.critic.pretrain_steps", "algo.reward_clip", "algo.vine.k", "algo.vine.step_tokens", "algo.sampling.min_new_tokens",
 )
 
 
@@ -77,10 +79,17 @@ def validate(cfg, world_size: int = 1) -> None:
             raise ConfigError(f"{key}={lookup(cfg, key)} must not be negative")
     parse_options(TASKS.get(cfg.task.name).Options, cfg.task.options)  # unknown task.options keys, before any data loads
     algo = cfg.algo
+    if algo.sampling.min_new_tokens > algo.sampling.max_new_tokens:
+        raise ConfigError(f"algo.sampling.min_new_tokens={algo.sampling.min_new_tokens} exceeds algo.sampling.max_new_tokens={algo.sampling.max_new_tokens}")
     if not 0 < algo.sampling.top_p <= 1:
         raise ConfigError(f"algo.sampling.top_p={algo.sampling.top_p} must be in (0, 1]")
     if algo.sampling.temperature <= 0:
         raise ConfigError(f"algo.sampling.temperature={algo.sampling.temperature} must be positive")
+    if not 0 < algo.nlpo.top_p <= 1:
+        raise ConfigError(f"algo.nlpo.top_p={algo.nlpo.top_p} must be in (0, 1]")
+    if algo.loop == "nlpo" and algo.sampling.top_p < 1:
+        raise ConfigError(f"algo.sampling.top_p={algo.sampling.top_p} with algo.loop=nlpo: NLPO's log-probs are those of the mask policy's "
+                          "top-p set alone; truncate with algo.nlpo.top_p and leave algo.sampling.top_p at 1")
     if algo.lr <= 0:
         raise ConfigError(f"algo.lr={algo.lr} must be positive")
     if algo.norm_adv_by_std and algo.adv_eps <= 0:
@@ -94,10 +103,19 @@ def validate(cfg, world_size: int = 1) -> None:
     if (algo.advantage == "gae") != (algo.critic.type != "none"):
         raise ConfigError(f"algo.advantage={algo.advantage} with algo.critic.type={algo.critic.type}: the gae estimator needs a critic "
                           "(separate or shared_head) and only gae reads one")
+    if (algo.advantage == "vine") != (algo.vine.k > 0):
+        raise ConfigError(f"algo.advantage={algo.advantage} with algo.vine.k={algo.vine.k}: the vine estimator needs Monte-Carlo values "
+                          "(algo.vine.k >= 1 continuations per state) and only vine reads them")
+    if algo.vine.max_states is not None and algo.vine.max_states < 1:
+        raise ConfigError(f"algo.vine.max_states={algo.vine.max_states} must be at least 1 (the prompt state), or null for every state")
+    if algo.vine.k and (algo.reward_norm != "none" or algo.reward_clip):
+        raise ConfigError(f"algo.vine.k={algo.vine.k}: Monte-Carlo values are in raw reward units, so the scores must be too: "
+                          "set algo.reward_norm=none and algo.reward_clip=0")
     if algo.critic.pretrain_steps and algo.critic.type == "none":
         raise ConfigError(f"algo.critic.pretrain_steps={algo.critic.pretrain_steps} needs a critic (algo.critic.type=separate or shared_head)")
     if algo.critic.type == "separate" and algo.critic.lr <= 0:
         raise ConfigError(f"algo.critic.lr={algo.critic.lr} must be positive")
+    check_truncation(algo)
     if algo.kl.target is not None and (algo.kl.target <= 0 or algo.kl.coef <= 0 or algo.kl.horizon < 1):
         raise ConfigError(f"algo.kl.target={algo.kl.target}: the adaptive KL controller needs kl.target > 0, an initial kl.coef > 0 and kl.horizon >= 1")
     if algo.beta <= 0:
@@ -116,6 +134,8 @@ def validate(cfg, world_size: int = 1) -> None:
     for key in ("apa_lambda", "rebel_eta"):
         if algo[key] <= 0:
             raise ConfigError(f"algo.{key}={algo[key]} must be positive")
+    if algo.p3o_weight_cap < 1:
+        raise ConfigError(f"algo.p3o_weight_cap={algo.p3o_weight_cap} must be at least 1 (the weight is clipped into [1/c, c])")
     if not 0 <= algo.pspo_alpha < 1:
         raise ConfigError(f"algo.pspo_alpha={algo.pspo_alpha} must be in [0, 1) (1 would freeze the policy at pi_old)")
     if algo.bnpo_score_max <= algo.bnpo_score_min:
@@ -172,3 +192,24 @@ def check_reward_term(key: str, term) -> None:
         raise ConfigError(f"{key}.timeout={timeout!r} must be a positive number of seconds, and needs {key}.workers >= 1")
     if not isinstance(term.get("failure_value", 0.0), (int, float)):
         raise ConfigError(f"{key}.failure_value={term.get('failure_value')!r} must be a number")
+
+
+def check_truncation(algo) -> None:
+    """T-PPO's knobs (``algo.truncation``, read only by ``loop: truncated_ppo``)."""
+    window = algo.truncation.window
+    if algo.loop != "truncated_ppo":
+        if window:
+            raise ConfigError(f"algo.truncation.window={window} is read only by algo.loop=truncated_ppo (T-PPO), not algo.loop={algo.loop}")
+        return
+    if window < 1:
+        raise ConfigError(f"algo.truncation.window={window} must be at least 1 (tokens generated per response per step)")
+    if not 0 <= algo.truncation.value_lam <= 1:
+        raise ConfigError(f"algo.truncation.value_lam={algo.truncation.value_lam} must be in [0, 1]")
+    if algo.advantage != "gae" or algo.critic.type != "separate":
+        raise ConfigError(f"algo.loop=truncated_ppo trains a value model apart from the policy (Extended GAE): set algo.advantage=gae "
+                          f"and algo.critic.type=separate, not {algo.advantage} / {algo.critic.type}")
+    if algo.dynamic_sampling or algo.baseline_rollout != "none":
+        raise ConfigError("algo.loop=truncated_ppo samples a window per step: algo.dynamic_sampling and algo.baseline_rollout are not supported")
+    if "group_index" in optional_inputs(POLICY_LOSSES.get(algo.policy_loss)):
+        raise ConfigError(f"algo.policy_loss={algo.policy_loss} compares the responses of a prompt, but algo.loop=truncated_ppo "
+                          "trains on responses of different prompts at different lengths")

@@ -547,6 +547,17 @@ def test_dapo_overlong_override_from_the_preset_comment_works(compose_config):
         (("algo=bnpo", "algo.bnpo_score_max=0.0"), "algo.bnpo_score_max"),
         (("algo=ce_gppo", "algo.gppo_beta1=-0.5"), "algo.gppo_beta1"),
         (("algo=w_reinforce", "algo.positive_weight=-1"), "algo.positive_weight"),
+        (("algo=p3o", "algo.p3o_clip=both"), "algo.p3o_clip"),
+        (("algo=p3o", "algo.p3o_weight_cap=0.5"), "algo.p3o_weight_cap"),
+        (("algo=p3o", "algo.group_size=4"), "algo.group_size=2"),
+        (("algo=copg", "algo.group_size=4"), "algo.group_size=2"),
+        (("algo=copg", "algo.beta=0"), "algo.beta"),
+        (("algo=vineppo", "algo.vine.k=0"), "needs Monte-Carlo values"),
+        (("algo=grpo", "algo.vine.k=2"), "only vine reads them"),
+        (("algo=vineppo", "algo.vine.max_states=0"), "algo.vine.max_states"),
+        (("algo=vineppo", "algo.vine.step_tokens=-1"), "algo.vine.step_tokens"),
+        (("algo=vineppo", "algo.reward_norm=running"), "raw reward units"),
+        (("algo=vineppo", "algo.critic.type=separate"), "only gae reads one"),
     ],
 )
 def test_validation_rejects_bad_zoo_knobs(compose_config, overrides, message):

@@ -9,6 +9,7 @@ from rlkit.algos.kl import KL_ESTIMATORS
 from rlkit.algos.policy_losses import POLICY_LOSSES
 from rlkit.algos.value_losses import VALUE_LOSSES
 from rlkit.algos import gae  # noqa: F401,E402  (registers the "gae" estimator)
+from rlkit.algos import vine  # noqa: F401,E402  (registers the "vine" estimator, VinePPO)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

@@ -26,6 +26,12 @@ class AdvantageInputs:
     group_index: (B,) samples drawn for the same prompt share an id.
     values: (B, T) critic values, for estimators that bootstrap.
     baseline_scores: (B,) a per-sample baseline score (e.g. ReMax's greedy reward).
+    step_ids: (B, T) which step of its response each token belongs to (0, 1, ...), for
+        estimators that assign credit per step (VinePPO's ``vine``); ``values`` then holds
+        the value of the state each token's step starts from.
+    bootstrap_values: (B,) V(s_T), the value of the state after a response's last token
+        when the response did not end there (it was cut off and goes on), for estimators
+        that bootstrap (``gae``: T-PPO's Extended GAE); 0 for responses that ended.
     """
 
     token_rewards: torch.Tensor
@@ -33,6 +39,8 @@ class AdvantageInputs:
     group_index: torch.Tensor
     values: torch.Tensor | None = None
     baseline_scores: torch.Tensor | None = None
+    step_ids: torch.Tensor | None = None
+    bootstrap_values: torch.Tensor | None = None
 
     @property
     def scores(self) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Generalized Advantage Estimation from a critic's values (the PPO estimator)."""
+"""Generalized Advantage Estimation from a critic's values (the PPO estimator), with
+T-PPO's extension to responses that were cut off and go on (Extended GAE)."""
 from __future__ import annotations
 
 import torch
@@ -6,13 +7,47 @@ import torch
 from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, _float_mask, _normalise_over_batch
 
 
+@torch.no_grad()
+def generalized_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float,
+                           bootstrap_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both (B, T) float64 and 0 on padding.
+
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = sum_{k >= 0} (gamma lambda)^k delta_{t+k}
+
+    (Schulman et al. 2016, arXiv:1506.02438, Eq. 16, computed backwards); R_t = A_t + V(s_t).
+    After a response's last token, V(s_{t+1}) is ``bootstrap_values`` (B,) when given, else 0:
+    0 is right for a response that ended (EOS or the length cap: a terminal state); a response
+    that was cut off mid-generation and goes on bootstraps from the critic instead -- T-PPO's
+    Extended GAE (EGAE; Fan et al. 2025, "Truncated Proximal Policy Optimization", arXiv:2506.15050:
+    the sum stops at the window's last token l-1, and the unseen V(s_l) is taken to be the critic's
+    V(s_{l-1}), which the caller passes as the bootstrap). With gamma = lambda = 1 a cut-off response
+    gets A_t = sum_{k >= t} r_k + V_boot - V(s_t). The mask must be a prefix.
+    """
+    mask = _float_mask(response_mask).to(torch.float64)
+    rewards = token_rewards.to(torch.float64) * mask
+    values = values.to(torch.float64) * mask
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))  # 0 past each response's last token
+    if bootstrap_values is not None:
+        lengths = mask.sum(-1).long()
+        rows = (lengths > 0).nonzero().squeeze(-1)
+        next_values[rows, lengths[rows] - 1] = bootstrap_values.to(torch.float64)[rows]
+    deltas = rewards + gamma * next_values - values
+    advantages = torch.zeros_like(deltas)
+    running = torch.zeros_like(deltas[:, 0])
+    for t in reversed(range(deltas.shape[1])):
+        running = (deltas[:, t] + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
 @ADVANTAGE_ESTIMATORS.register("gae")
 @torch.no_grad()
 def gae_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(gamma, lambda) (Schulman et al. 2016, "High-Dimensional Continuous Control Using
-    Generalized Advantage Estimation", arXiv:1506.02438, Eq. 11-16).
+    Generalized Advantage Estimation", arXiv:1506.02438, Eq. 11-16); see :func:`generalized_advantages`.
 
-    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  with V = 0 after the last response token;
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),  with V = 0 after the last response token
+    (or ``inputs.bootstrap_values`` there: Extended GAE for cut-off responses, T-PPO);
     A_t = sum_{l >= 0} (gamma lambda)^l delta_{t+l}  (Eq. 16, computed backwards);
     returns R_t = A_t + V(s_t), the critic's regression target.
 
@@ -24,17 +59,8 @@ def gae_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Ten
     """
     if inputs.values is None:
         raise ValueError("advantage 'gae' needs critic values (AdvantageInputs.values): set algo.critic.type=separate or shared_head")
-    mask = _float_mask(inputs.response_mask)
-    rewards = inputs.token_rewards.to(torch.float64) * mask
-    values = inputs.values.to(torch.float64) * mask
-    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))
-    deltas = rewards + cfg.gamma * next_values - values
-    advantages = torch.zeros_like(deltas)
-    running = torch.zeros_like(deltas[:, 0])
-    for t in reversed(range(deltas.shape[1])):
-        running = (deltas[:, t] + cfg.gamma * cfg.lam * running) * mask[:, t]
-        advantages[:, t] = running
-    returns = advantages + values
+    advantages, returns = generalized_advantages(inputs.token_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam,
+                                                 inputs.bootstrap_values)
     if cfg.norm_adv_by_std:
         advantages = _normalise_over_batch(advantages, inputs.response_mask, cfg.adv_eps, divide=True)
     return advantages.float(), returns.float()

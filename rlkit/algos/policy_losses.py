@@ -10,6 +10,7 @@ group's samples together in every micro-batch.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
@@ -19,7 +20,16 @@ from rlkit.registry import Registry
 POLICY_LOSSES: Registry = Registry("policy loss")
 
 
+def vanishes_at_zero_advantage(fn):
+    """Mark a loss whose every token term is its advantage times a finite factor:
+    a response whose advantages are all zero adds exactly no gradient, so the
+    update may skip its forward and backward."""
+    fn.vanishes_at_zero_advantage = True
+    return fn
+
+
 @POLICY_LOSSES.register("clipped")
+@vanishes_at_zero_advantage
 def clipped_surrogate(log_prob, old_log_prob, advantages, mask, cfg):
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) with asymmetric
     bounds ``[1 - clip_low, 1 + clip_high]`` (DAPO's clip-higher, Yu et al. 2025, Eq. 10).
@@ -48,6 +58,7 @@ def _old_policy_metrics(log_ratio: torch.Tensor, ratio: torch.Tensor, mask: torc
 
 
 @POLICY_LOSSES.register("gspo")
+@vanishes_at_zero_advantage
 def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071), in the
     paper's token-level form GSPO-token.
@@ -84,6 +95,7 @@ def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
 
 
 @POLICY_LOSSES.register("ce_gppo")
+@vanishes_at_zero_advantage
 def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     """CE-GPPO, gradient-preserving clipping (Su et al. 2025, "CE-GPPO: Coordinating
     Entropy via Gradient-Preserving Clipping Policy Optimization in Reinforcement
@@ -121,6 +133,7 @@ def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, cfg):
 
 
 @POLICY_LOSSES.register("pspo")
+@vanishes_at_zero_advantage
 def pspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     """Probability Smoothing Policy Optimisation (Dwyer, Sobey & Chapman 2025, "It's Not
     You, It's Clipping: A Soft Trust-Region via Probability Smoothing for LLM RL",
@@ -180,6 +193,16 @@ def _pair_partner(group_index: torch.Tensor) -> torch.Tensor:
     return same.to(torch.int64).argmax(-1)
 
 
+def _pair_terms(log_prob, anchor_log_prob, advantages, mask, group_index):
+    """What the pairwise losses share, per row: the partner's row, the sequence log-ratio
+    ln pi(y)/pi_anchor(y) (padding ignored) and the reward gap r(y) - r(y'), taken as
+    A(y) - A(y') of a per-prompt-baseline advantage (the baseline cancels)."""
+    partner = _pair_partner(group_index)
+    seq_log_ratio = ((log_prob - anchor_log_prob) * mask.to(log_prob.dtype)).sum(-1)
+    seq_advantage = masked_mean(advantages, mask, dim=-1)
+    return partner, seq_log_ratio, seq_advantage - seq_advantage[partner]
+
+
 @POLICY_LOSSES.register("rebel")
 def rebel_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     """REBEL, REinforcement Learning via Regressing Relative Rewards (Gao et al. 2024,
@@ -194,13 +217,75 @@ def rebel_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     ``seq-mean-token-mean`` aggregation the objective is the mean over pairs.
     Knobs: ``rebel_eta``.
     """
-    maskf = mask.to(log_prob.dtype)
-    seq_log_ratio = ((log_prob - old_log_prob) * maskf).sum(-1)
-    seq_advantage = masked_mean(advantages, mask, dim=-1)
-    partner = _pair_partner(group_index)
-    residual = (seq_log_ratio - seq_log_ratio[partner]) / cfg.rebel_eta - (seq_advantage - seq_advantage[partner])
+    partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, old_log_prob, advantages, mask, group_index)
+    residual = (seq_log_ratio - seq_log_ratio[partner]) / cfg.rebel_eta - reward_gap
     loss = (residual**2)[:, None].expand_as(log_prob)
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
         metrics = {**_old_policy_metrics(log_ratio, torch.exp(log_ratio), mask), "residual_abs": residual.abs().mean()}
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("p3o")
+def p3o_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
+    """P3O, Pairwise Proximal Policy Optimization (Wu et al. 2023, arXiv:2310.00212): the
+    pairwise policy gradient of Theorem 1 (Sec. 4.1),
+    E_{y1,y2 ~ pi_old} rho1 rho2 (r(y1) - r(y2)) grad ln(pi(y1)/pi(y2)) / 2,  rho = pi(y)/pi_old(y),
+    made proximal as in Sec. 4.2, in the form of the authors' code (github.com/thwu1/trlx):
+    the importance weight is a stop-gradient clipped into [1/c, c], and the sequence
+    log-ratios are clipped pessimistically, as in PPO, to +-eps. With
+    w = sg(clip(rho1 rho2, 1/c, c)) and g = r(y1) - r(y2), the pair's objective is
+      joint (P3O-V2):    w min(d g/2, clip(d, -eps_low, eps_high) g/2),  d = ln(rho1/rho2)
+      separate (P3O-V1): the sum over i of w min(l_i g_i/2, clip(l_i, -eps_low, eps_high) g_i/2),
+                         l_i = ln rho_i, g_1 = g, g_2 = -g.
+    Each response carries its pair's objective (joint) or twice its own term (separate) on
+    every token, negated: with ``seq-mean-token-mean`` the loss is minus the mean over
+    pairs. At rho = 1 both give the REINFORCE gradient with advantage r(y) - r(y'). The
+    KL penalty of the paper's reward (Eq. 2) goes in the reward (``kl.placement: reward``,
+    ``k1``). Knobs: ``p3o_clip``, ``p3o_weight_cap`` (c), ``clip_low``, ``clip_high`` (eps).
+    """
+    partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, old_log_prob, advantages, mask, group_index)
+    cap = math.log(cfg.p3o_weight_cap)
+    weight = torch.exp((seq_log_ratio + seq_log_ratio[partner]).detach().clamp(-cap, cap))
+    if cfg.p3o_clip == "joint":
+        clipped_log_ratio, share = seq_log_ratio - seq_log_ratio[partner], 0.5
+    else:
+        clipped_log_ratio, share = seq_log_ratio, 1.0
+    unclipped = clipped_log_ratio * reward_gap
+    clipped = clipped_log_ratio.clamp(-cfg.clip_low, cfg.clip_high) * reward_gap
+    loss = (-share * weight * torch.minimum(unclipped, clipped))[:, None].expand_as(log_prob)
+    with torch.no_grad():
+        log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+        metrics = {
+            **_old_policy_metrics(log_ratio, torch.exp(log_ratio), mask),
+            "clip_frac": (clipped < unclipped).float().mean(),
+            "pair_weight_mean": weight.mean(),
+        }
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("copg")
+def copg_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob, group_index):
+    """CoPG, Contrastive Policy Gradient (Flet-Berliac et al. 2024, arXiv:2406.19185, Sec. 3):
+    for two responses y, y' of one prompt, drawn from any policy,
+
+    loss = (R_beta(y) - R_beta(y'))^2,  R_beta(y) = r(y) - beta ln(pi(y)/pi_ref(y)),
+
+    least squares whose unique minimiser is the KL-regularised optimum
+    pi* proportional to pi_ref exp(r / beta), whatever the sampling policy: no importance
+    ratio, no clipping. Its gradient -2 beta (R_beta(y) - R_beta(y')) grad ln(pi(y)/pi(y'))
+    is a policy gradient on R_beta with the other response as baseline. r(y) - r(y') is
+    A(y) - A(y') as in :func:`rebel_loss`; the pair's loss sits on every token of both
+    responses (``seq-mean-token-mean``: the mean over pairs). Knobs: ``beta``.
+    """
+    partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, ref_log_prob, advantages, mask, group_index)
+    residual = reward_gap - cfg.beta * (seq_log_ratio - seq_log_ratio[partner])
+    loss = (residual**2)[:, None].expand_as(log_prob)
+    with torch.no_grad():
+        log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+        metrics = {
+            **_old_policy_metrics(log_ratio, torch.exp(log_ratio), mask),
+            "residual_abs": residual.abs().mean(),
+            "seq_log_ratio_to_ref": seq_log_ratio.mean(),
+        }
     return loss, metrics

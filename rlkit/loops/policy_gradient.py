@@ -15,6 +15,7 @@ from rlkit.algos.policy_losses import optional_inputs
 from rlkit.algos.reward_norm import RunningMoments, batch_moments, normalise_scores
 from rlkit.engine import all_gather_objects, all_reduce_sum, mean_over_ranks, optimizer_step, split_micro_batches, world_size
 from rlkit.loops.critic import Critic
+from rlkit.loops.mc_values import MonteCarloValues
 from rlkit.loops.registry import LOOPS, Loop
 from rlkit.metrics import mean_std
 from rlkit.models.value_head import attach_value_head
@@ -36,6 +37,8 @@ class PolicyGradientLoop(Loop):
             attach_value_head(model)
         self.engine = make_engine(run, model, lr=algo.lr, batch_size_global=samples_global // algo.minibatches, total_steps=optimizer_steps)
         self.critic = None if algo.critic.type == "none" else Critic(run, self.engine, reference_source, samples_global // algo.minibatches, optimizer_steps)
+        # VinePPO: Monte-Carlo values of each response step from extra policy continuations (algo.vine.k > 0), in the critic's place
+        self.mc_values = MonteCarloValues.from_run(run) if algo.vine.k else None
         self.policy_loss_fn = POLICY_LOSSES.get(algo.policy_loss)
         self.loss_inputs = optional_inputs(self.policy_loss_fn)  # extra inputs this loss names (reference log-probs, groups)
         needs_reference = algo.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
@@ -44,6 +47,9 @@ class PolicyGradientLoop(Loop):
         self.reward_moments = RunningMoments()
         self.advantage_fn = ADVANTAGE_ESTIMATORS.get(algo.advantage)
         self.kl_fn = KL_ESTIMATORS.get(algo.kl.estimator)
+        # rows with all-zero advantages add no gradient when the loss vanishes there and nothing else trains on them
+        self.skip_zero_advantage_rows = (getattr(self.policy_loss_fn, "vanishes_at_zero_advantage", False) and algo.entropy_coef == 0
+                                         and (self.reference is None or algo.kl.placement != "loss") and algo.critic.type != "shared_head")
         self.needs_old_log_probs = (algo.update_epochs > 1 or algo.minibatches > 1 or algo.kl.target is not None
                                     or (self.reference is not None and algo.kl.placement == "reward"))
 
@@ -60,11 +66,18 @@ class PolicyGradientLoop(Loop):
             old_log_probs = self.score(self.engine, rollout) if self.needs_old_log_probs else None
             ref_log_probs = self.score(self.reference, rollout) if self.reference is not None else None
             old_values = self.critic.values(rollout) if self.critic is not None else None
+        step_ids = None
+        if self.mc_values is not None:
+            with timer.phase("mc_values"):
+                estimate = self.mc_values(self.engine.module, groups)
+            old_values, step_ids = estimate.values, estimate.step_ids
+            metrics.update(estimate.metrics)
         with timer.phase("advantages"):
             scores = self.normalised_scores(torch.tensor(groups.totals, dtype=torch.float32, device=self.engine.device))
             baseline = None if groups.baseline is None else torch.tensor(groups.baseline, dtype=torch.float32, device=scores.device)
             token_rewards = self.token_rewards(scores, rollout.response_mask, old_log_probs, ref_log_probs)
-            inputs = AdvantageInputs(token_rewards, rollout.response_mask, groups.group_index.to(scores.device), values=old_values, baseline_scores=baseline)
+            inputs = AdvantageInputs(token_rewards, rollout.response_mask, groups.group_index.to(scores.device), values=old_values, baseline_scores=baseline,
+                                     step_ids=step_ids)
             advantages, returns = self.advantage_fn(inputs, algo)
         with timer.phase("update"):
             train_policy = step > algo.critic.pretrain_steps
@@ -83,8 +96,9 @@ class PolicyGradientLoop(Loop):
         run, algo, tokenizer = self.run, self.algo, self.run.tokenizer
         prompts = run.prompts(rows)
         with timer.phase("rollout"):
-            rollout = generate(self.engine.module, tokenizer, prompts, num_samples=algo.group_size,
-                               max_new_tokens=algo.sampling.max_new_tokens, temperature=algo.sampling.temperature, top_p=algo.sampling.top_p)
+            rollout = generate(self.engine.module, tokenizer, prompts, num_samples=algo.group_size, max_new_tokens=algo.sampling.max_new_tokens,
+                               min_new_tokens=algo.sampling.min_new_tokens, temperature=algo.sampling.temperature, top_p=algo.sampling.top_p,
+                               logits_processor=self.rollout_logits_processor())
             greedy = generate(self.engine.module, tokenizer, prompts, num_samples=1, max_new_tokens=algo.sampling.max_new_tokens,
                               greedy=True) if algo.baseline_rollout == "greedy" else None
         with timer.phase("reward"):
@@ -117,14 +131,23 @@ class PolicyGradientLoop(Loop):
         metrics = {"sampling/rounds": float(rounds), "sampling/kept_group_frac": mean_over_ranks({"f": min(num_kept, target) / target})["f"]}
         return merged.first_groups(target), metrics
 
+    def rollout_logits_processor(self):
+        """Hook for loops whose policy samples from a reshaped distribution (NLPO's masked action
+        space): a fresh ``logits_processor(ids_so_far, scores) -> scores`` for each sampled rollout
+        (not the greedy baseline), or None. The same loop's :meth:`log_probs` must score that distribution."""
+        return None
+
+    def log_probs(self, model, rollout, index, with_entropy: bool = False, entropy_grad: bool = False):
+        """Per-token log-probs (and entropies) of rollout rows ``index`` under ``model``:
+        the one place the loop turns a model into log pi(y_t | ...)."""
+        return token_log_probs(model, rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1],
+                               self.algo.sampling.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+
     @torch.no_grad()
     def score(self, model, rollout) -> torch.Tensor:
         """Per-token log-probs of the rollout's responses under ``model``, micro-batched."""
         micro = self.run.cfg.trainer.micro_batch_per_device
-        parts = [token_log_probs(model, rollout.sequences[i:i + micro], rollout.attention_mask[i:i + micro],
-                                 rollout.response_ids.shape[1], self.algo.sampling.temperature)[0]
-                 for i in range(0, len(rollout), micro)]
-        return torch.cat(parts)
+        return torch.cat([self.log_probs(model, rollout, slice(i, i + micro))[0] for i in range(0, len(rollout), micro)])
 
     def token_rewards(self, scores, response_mask, old_log_probs, ref_log_probs) -> torch.Tensor:
         """The score on each response's last token, minus ``beta * KL`` per token
@@ -168,10 +191,10 @@ class PolicyGradientLoop(Loop):
         policy loss (unless the critic is still pre-training) and, with a critic, the value
         loss (added to the policy's loss on a shared trunk, else stepped on its own engine)."""
         algo, size = self.algo, len(rollout)
-        num_response_tokens = rollout.response_ids.shape[1]
         critic = self.critic
         sums: dict[str, list[float]] = {}
         grad_norms, critic_grad_norms = [], []
+        policy_objective = [0.0]  # summed over micro-batches and ranks: the minibatch's policy loss, however it is split
 
         def record(stats: dict, prefix: str, mask) -> None:
             weight = float(mask.sum())
@@ -182,12 +205,11 @@ class PolicyGradientLoop(Loop):
 
         def policy_loss(index, counts):
             mask = rollout.response_mask[index]
-            log_prob, entropy = token_log_probs(self.engine, rollout.sequences[index], rollout.attention_mask[index], num_response_tokens,
-                                                algo.sampling.temperature, with_entropy=True, entropy_grad=algo.entropy_coef != 0)
+            log_prob, entropy = self.log_probs(self.engine, rollout, index, with_entropy=True, entropy_grad=algo.entropy_coef != 0)
             old = old_log_probs[index] if old_log_probs is not None else log_prob.detach()
             extras = {name: {"ref_log_prob": ref_log_probs, "group_index": group_index}[name][index] for name in self.loss_inputs}
             loss, stats = self.policy_loss_fn(log_prob, old, advantages[index], mask, algo, **extras)
-            stats["pg_loss"] = aggregate_loss(loss, mask, algo.loss_agg, *counts)
+            policy_objective[0] += float(aggregate_loss(loss.detach(), mask, algo.loss_agg, *counts))  # this micro-batch's share
             if ref_log_probs is not None:
                 kl = self.kl_fn(log_prob, ref_log_probs[index])
                 stats["kl"] = masked_mean(kl, mask)
@@ -208,7 +230,9 @@ class PolicyGradientLoop(Loop):
             loss = policy_loss(index, counts) if train_policy else 0.0
             return loss + algo.critic.coef * value_loss(index, counts) if critic is not None and critic.shared else loss
 
-        unit = algo.group_size if "group_index" in self.loss_inputs else 1  # rows that stay together in every micro-batch
+        # whole groups stay in one micro-batch where the minibatches allow: they share one prompt pass (pairwise losses need them)
+        unit = algo.group_size if "group_index" in self.loss_inputs or (size // algo.group_size) % algo.minibatches == 0 else 1
+        skipped = [0, 0]
         for _ in range(algo.update_epochs):
             order = (torch.randperm(size // unit)[:, None] * unit + torch.arange(unit)).flatten()
             for minibatch in order.split(size // algo.minibatches):
@@ -216,15 +240,33 @@ class PolicyGradientLoop(Loop):
                 units = minibatch.view(-1, unit)
                 micro_batches = [units[i].flatten() for i in split_micro_batches(len(units), self.engine.gradient_accumulation_steps())]
                 if train_policy or (critic is not None and critic.shared):
-                    grad_norms.append(optimizer_step(self.engine, micro_batches, lambda index: engine_loss(index, counts)))
+                    policy_batches = self.rows_with_gradient(minibatch, advantages, rollout.response_mask) if self.skip_zero_advantage_rows else micro_batches
+                    skipped[0] += len(minibatch) - sum(len(b) for b in policy_batches)
+                    skipped[1] += len(minibatch)
+                    grad_norms.append(optimizer_step(self.engine, policy_batches, lambda index: engine_loss(index, counts)))
                 if critic is not None and not critic.shared:
                     critic_grad_norms.append(optimizer_step(critic.engine, micro_batches, lambda index: value_loss(index, counts)))
         metrics = mean_over_ranks({key: total / max(weight, 1.0) for key, (total, weight) in sums.items()})
         for key, norms in (("actor/grad_norm", grad_norms), ("critic/grad_norm", critic_grad_norms)):
             if norms:
                 metrics[key] = sum(norms) / len(norms)
+        if train_policy and grad_norms:
+            metrics["actor/pg_loss"] = all_reduce_sum(policy_objective[0]) / len(grad_norms)  # mean over optimizer steps
         metrics["actor/lr"] = self.engine.get_lr()[0]
+        if skipped[1]:
+            metrics["actor/skipped_zero_advantage_frac"] = mean_over_ranks({"f": skipped[0] / skipped[1]})["f"]
         return metrics
+
+    def rows_with_gradient(self, rows: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` split into the engine's micro-batches, leaving out responses whose
+        advantages are all zero: under a loss that vanishes there (and nothing else
+        trained on them) they add exactly no gradient, so their forward and backward are
+        skipped. The loss keeps its global normalisation, so the update is unchanged.
+        Each micro-batch keeps at least one row (DeepSpeed steps every micro-batch)."""
+        num_micro_batches = self.engine.gradient_accumulation_steps()
+        active = ((advantages[rows] * response_mask[rows]) != 0).any(-1)
+        kept = torch.cat([rows[active], rows[~active][:max(0, num_micro_batches - int(active.sum()))]])
+        return [kept[part] for part in split_micro_batches(len(kept), num_micro_batches)]
 
     def extra_engines(self) -> dict:
         return self.critic.extra_engines() if self.critic is not None else {}
