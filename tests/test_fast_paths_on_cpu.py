@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from conftest import fast_overrides
 from rlkit.models.tiny import build_tiny_model
-from rlkit.rollout.generate import generate, response_mask_from_eos, sampling_probs
+from rlkit.rollout.generate import draw, generate, response_mask_from_eos, sampling_probs
 from rlkit.rollout.logprobs import token_log_probs
 
 PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]  # different lengths: left padding
@@ -35,29 +35,41 @@ def transformers_generate(model, tokenizer, seed: int, **settings) -> torch.Tens
 
 
 @pytest.mark.parametrize("share_prompt", [False, True])
-@pytest.mark.parametrize("mode", ["sample", "top_p", "greedy", "min_new_tokens"])
-def test_sampling_draws_the_same_tokens_as_transformers_generate(tiny, share_prompt, mode):
-    """Same seed, same tokens as ``model.generate`` (which prefills every row)."""
+@pytest.mark.parametrize("min_new_tokens", [0, 10])
+def test_greedy_decoding_matches_transformers_generate(tiny, share_prompt, min_new_tokens):
+    """Same tokens as ``model.generate`` (which prefills every row), EOS masking included."""
     model, tokenizer = tiny
-    ours = dict(num_samples=4, max_new_tokens=10, share_prompt=share_prompt)
-    theirs = dict(max_new_tokens=10, num_return_sequences=4, do_sample=mode != "greedy", top_k=0)
-    if mode == "top_p":
-        ours["top_p"] = theirs["top_p"] = 0.7
-    if mode == "greedy":
-        ours["greedy"], theirs["top_k"], ours["num_samples"], theirs["num_return_sequences"] = True, None, 1, 1
-    if mode == "min_new_tokens":
-        ours["min_new_tokens"] = theirs["min_new_tokens"] = 10
-    torch.manual_seed(5)
-    rollout = generate(model, tokenizer, PROMPTS, **ours)
-    expected = transformers_generate(model, tokenizer, 5, **theirs)
+    rollout = generate(model, tokenizer, PROMPTS, num_samples=1, max_new_tokens=10, greedy=True, min_new_tokens=min_new_tokens, share_prompt=share_prompt)
+    expected = transformers_generate(model, tokenizer, 0, max_new_tokens=10, do_sample=False, min_new_tokens=min_new_tokens)
     assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
-    if mode == "min_new_tokens":
+    if min_new_tokens:
         assert rollout.response_mask.all()  # EOS masked: every response runs the full 10 tokens
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_shared_prompt_sampling_draws_the_same_tokens_as_per_row_prefill(tiny, top_p):
+    model, tokenizer = tiny
+    rollouts = []
+    for share in (False, True):
+        torch.manual_seed(5)
+        rollouts.append(generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=10, top_p=top_p, share_prompt=share))
+    assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
+    assert len({tuple(row) for row in rollouts[0].response_ids.tolist()}) > len(PROMPTS)  # samples of a prompt differ
+
+
+def test_draw_follows_the_distribution_and_never_picks_impossible_tokens():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]])  # unnormalised rows are fine
+    torch.manual_seed(0)
+    draws = torch.stack([draw(probs) for _ in range(20000)])
+    frequencies = torch.stack([(draws[:, 0] == k).float().mean() for k in range(5)])
+    torch.testing.assert_close(frequencies, probs[0], atol=0.015, rtol=0)
+    assert (draws[:, 1] == 4).all()
+    assert torch.equal(draw(torch.tensor([[0.0, 1.0, 0.0]])), torch.tensor([1]))
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     probs = sampling_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
-    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 reaches 0.8: renormalised later by multinomial
+    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 reaches 0.8: draw() takes unnormalised rows
     assert torch.equal(sampling_probs(torch.zeros(1, 3), 2.0, 1.0), torch.full((1, 3), 1 / 3))
 
 
