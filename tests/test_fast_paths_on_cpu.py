@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 
 from conftest import fast_overrides
 from rlkit.models.tiny import build_tiny_model
-from rlkit.rollout.generate import draw, generate, response_mask_from_eos, sampling_probs
+from rlkit.rollout.generate import draw, generate, response_mask_from_eos, sample, sampling_probs
 from rlkit.rollout.logprobs import token_log_probs
 
 PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]  # different lengths: left padding
@@ -55,6 +55,18 @@ def test_shared_prompt_sampling_draws_the_same_tokens_as_per_row_prefill(tiny, t
         rollouts.append(generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=10, top_p=top_p, share_prompt=share))
     assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
     assert len({tuple(row) for row in rollouts[0].response_ids.tolist()}) > len(PROMPTS)  # samples of a prompt differ
+
+
+def test_per_prompt_length_limits(tiny):
+    """One cap and one EOS floor per prompt: responses stop (truncated) at their own cap, and
+    a floor as long as the cap leaves no room for EOS."""
+    model, tokenizer = tiny
+    encoded = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(0)
+    rollout = sample(model, encoded["input_ids"], encoded["attention_mask"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     num_samples=2, max_new_tokens=torch.tensor([3, 7]), min_new_tokens=torch.tensor([3, 7]))
+    assert rollout.response_lengths.tolist() == [3, 3, 7, 7] and rollout.truncated.all()
+    assert rollout.response_ids.shape[1] == 7 and (rollout.response_ids[:2, 3:] == tokenizer.pad_token_id).all()
 
 
 def test_draw_follows_the_distribution_and_never_picks_impossible_tokens():

@@ -14,8 +14,8 @@ import torch
 from rlkit.algos import AdvantageInputs
 from rlkit.algos.gae import gae_advantage, generalized_advantages
 from rlkit.config import AlgoConfig, ConfigError, TruncationConfig
-from rlkit.loops.tppo import InFlight, ResponsePool, eos_blocker, left_pad, whole_responses
-from rlkit.rollout.generate import Rollout, response_mask_from_eos
+from rlkit.loops.tppo import InFlight, ResponsePool, whole_responses
+from rlkit.rollout.generate import Rollout, left_pad, response_mask_from_eos
 
 
 def close(actual, expected, atol=1e-6):
@@ -119,15 +119,16 @@ class ScriptedSampler:
         self.calls = []
 
     def __call__(self, prompt_ids, prompt_mask, done, max_new_tokens):
-        self.calls.append(max_new_tokens)
-        rows = []
-        for ids, mask, n in zip(prompt_ids.tolist(), prompt_mask.tolist(), done.tolist()):
+        self.calls.append(max_new_tokens.tolist())
+        rows, width = [], int(max_new_tokens.max())
+        for ids, mask, n, cap in zip(prompt_ids.tolist(), prompt_mask.tolist(), done.tolist(), max_new_tokens.tolist()):
             seen = [t for t, m in zip(ids, mask) if m]
             script = SCRIPTS[seen[0]]
             assert seen[1:] == script[:n], "the continuation's prompt must be the prompt plus the response so far"
-            rows.append(script[n:n + max_new_tokens] + [PAD] * max(0, n + max_new_tokens - len(script)))
+            piece = script[n:n + cap]
+            rows.append(piece + [PAD] * (width - len(piece)))
         response_ids = torch.tensor(rows)
-        response_mask, truncated = response_mask_from_eos(response_ids, EOS)
+        response_mask, truncated = response_mask_from_eos(response_ids, EOS, max_new_tokens)
         return Rollout(prompt_ids, prompt_mask, response_ids.masked_fill(response_mask == 0, PAD), response_mask, truncated)
 
 
@@ -197,7 +198,7 @@ def test_a_window_never_runs_past_the_length_cap():
     first = pool.generate(sampler)
     pool.retire(first, torch.zeros(1, WINDOW))
     second = pool.generate(sampler)
-    assert sampler.calls == [4, 2]  # only the 2 tokens left are generated
+    assert sampler.calls == [[4], [2]]  # only the 2 tokens left are generated
     assert bool(second.ended[0]) and second.completion_ids(0) == SCRIPTS[103][:6]
 
 
@@ -208,15 +209,6 @@ def test_whole_responses_put_the_score_on_the_last_token_after_the_recorded_shap
     assert rollout.prompt_ids.tolist() == [[101, 7], [PAD, 102]] and rollout.prompt_mask.tolist() == [[1, 1], [0, 1]]
     assert rollout.response_ids.tolist() == [[11, 12, EOS], [21, PAD, PAD]] and rollout.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     close(rewards, [[-0.1, -0.2, 0.7], [0.5, 0.0, 0.0]])
-
-
-def test_eos_blocker_counts_the_whole_response_not_the_window():
-    done = torch.tensor([0, 5])  # row 0 starts its response, row 1 already has 5 tokens
-    processor = eos_blocker(min_tokens=6, eos_token_id=EOS, done=done, prompt_width=3)
-    scores = processor(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4))  # first token of the window
-    assert scores[0, EOS] == float("-inf") and scores[1, EOS] == float("-inf")
-    scores = processor(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4))  # second: row 1 is at 6 tokens
-    assert scores[0, EOS] == float("-inf") and scores[1, EOS] == 0.0
 
 
 def test_left_pad():

@@ -192,7 +192,7 @@ def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
     assert list(zip(estimate.state_rows, estimate.prefixes)) == expected
     assert len(sampled) == 1  # one batched call for every prefix
     prefix_ids, prefix_mask, kwargs = sampled[0]
-    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"] == max_new
+    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"].tolist() == [max_new - start for _, start in expected]  # each response's own budget
     for i, (row, start) in enumerate(expected):
         prompt = groups.rollout.prompt_ids[row][groups.rollout.prompt_mask[row].bool()].tolist()
         want = prompt + responses[row][:start]

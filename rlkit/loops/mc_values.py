@@ -20,7 +20,7 @@ import dataclasses
 import torch
 
 from rlkit.engine import all_reduce_sum
-from rlkit.rollout.generate import sample
+from rlkit.rollout.generate import left_pad, sample
 
 
 def delimiter_tokens(tokenizer, delimiter: str) -> torch.Tensor | None:
@@ -133,36 +133,14 @@ class MonteCarloValues:
         device = rollout.response_ids.device
         parts = [torch.cat([rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.response_ids[row, :start]])
                  for row, start in zip(state_rows, prefixes)]
-        width = max(len(p) for p in parts)
-        prefix_ids = torch.full((len(parts), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        prefix_mask = torch.zeros_like(prefix_ids)
-        for i, part in enumerate(parts):
-            prefix_ids[i, width - len(part):] = part
-            prefix_mask[i, width - len(part):] = 1
-        max_new = int(self.sampling.max_new_tokens)
-        budget = torch.tensor([max_new - start for start in prefixes], device=device).repeat_interleave(k)  # tokens left to each continuation
-        min_left = torch.tensor([max(0, int(getattr(self.sampling, "min_new_tokens", 0)) - start) for start in prefixes],
-                                device=device).repeat_interleave(k)
-
-        def within_budget(ids_so_far: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            """No EOS before a response reaches ``min_new_tokens`` in all; an EOS is forced once a
-            continuation has used its response's budget (it is cut off below: the response was truncated)."""
-            step = ids_so_far.shape[1] - width
-            scores[min_left > step, tokenizer.eos_token_id] = float("-inf")
-            spent = budget <= step
-            scores[spent] = float("-inf")
-            scores[spent, tokenizer.eos_token_id] = 0.0
-            return scores
-
-        # the full length budget on every process: ZeRO-3 ranks must run the same number of forwards
-        continued = sample(model, prefix_ids, prefix_mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           num_samples=k, max_new_tokens=max_new, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                           logits_processor=within_budget)
-
+        prefix_ids, prefix_mask = left_pad(parts, tokenizer.pad_token_id, device)
         # each continuation completes its response within the response's own length budget
-        generated = continued.response_lengths
-        kept = torch.minimum(generated, budget).tolist()
-        truncated = continued.truncated | (generated > budget)
+        max_new, min_new = int(self.sampling.max_new_tokens), int(getattr(self.sampling, "min_new_tokens", 0))
+        continued = sample(model, prefix_ids, prefix_mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                           num_samples=k, max_new_tokens=torch.tensor([max_new - start for start in prefixes], device=device),
+                           min_new_tokens=torch.tensor([max(0, min_new - start) for start in prefixes], device=device),
+                           temperature=self.sampling.temperature, top_p=self.sampling.top_p)
+        kept, truncated = continued.response_lengths.tolist(), continued.truncated
         continuation_ids = continued.response_ids.tolist()
         completion_ids, rows, prompts = [], [], []
         for i, (row, start) in enumerate(zip(state_rows, prefixes)):

@@ -35,7 +35,7 @@ from rlkit.engine import all_gather_objects, all_reduce_sum, mean_over_ranks, op
 from rlkit.loops.policy_gradient import PolicyGradientLoop, explained_variance
 from rlkit.loops.registry import LOOPS
 from rlkit.metrics import mean_std
-from rlkit.rollout.generate import Rollout, sample
+from rlkit.rollout.generate import Rollout, left_pad, sample
 
 
 @dataclass
@@ -66,18 +66,6 @@ class Window:
         return self.slots[index].tokens + self.rollout.response_ids[index, :n].tolist()
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), both (B, max length), each sequence right-aligned."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-    return ids, mask
-
-
 def right_pad(sequences: list[list], pad_value, dtype=torch.long) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, mask), both (B, max length, at least 1), each sequence left-aligned."""
     width = max(1, max(len(s) for s in sequences))
@@ -88,29 +76,6 @@ def right_pad(sequences: list[list], pad_value, dtype=torch.long) -> tuple[torch
             values[i, :len(seq)] = torch.tensor(seq, dtype=dtype)
             mask[i, :len(seq)] = 1
     return values, mask
-
-
-def eos_blocker(min_tokens: int, eos_token_id: int, done: torch.Tensor, prompt_width: int) -> Callable:
-    """A logits processor that masks EOS while a response (earlier windows included: ``done``
-    tokens before this call) is shorter than ``min_tokens`` -- ``sampling.min_new_tokens``
-    counted over the whole response, not per window."""
-    def processor(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        short = done.to(scores.device) + (ids.shape[1] - prompt_width) < min_tokens
-        if short.any():
-            scores = scores.clone()
-            scores[short, eos_token_id] = float("-inf")
-        return scores
-
-    return processor
-
-
-def chain(processors: list[Callable]) -> Callable:
-    def processor(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        for p in processors:
-            scores = p(ids, scores)
-        return scores
-
-    return processor
 
 
 class ResponsePool:
@@ -136,19 +101,17 @@ class ResponsePool:
         """Extend every in-flight response by at most ``window`` tokens (never past ``max_tokens``).
 
         ``sample_fn(prompt_ids, prompt_mask, done, max_new_tokens) -> Rollout`` samples one
-        continuation of each left-padded row (``done``: (B,) tokens each response already has)."""
+        continuation of each left-padded row (``done``, ``max_new_tokens``: (B,) tokens each
+        response already has, and may add in this window)."""
         slots = list(self.slots)
         if not slots:
             raise RuntimeError("the response pool is empty: admit prompts first")
         prompt_ids, prompt_mask = left_pad([s.prompt_ids + s.tokens for s in slots], self.pad_token_id)
-        done = torch.tensor([len(s.tokens) for s in slots], dtype=torch.long)
-        remaining = (self.max_tokens - done).clamp(min=0)
-        step_tokens = max(1, min(self.window, int(remaining.max())))
+        done = torch.tensor([len(s.tokens) for s in slots], dtype=torch.long, device=device)
+        step_tokens = (self.max_tokens - done).clamp(min=1, max=self.window)  # the length cap counts the whole response
         sampled = sample_fn(prompt_ids.to(device), prompt_mask.to(device), done, step_tokens)
         ids, mask = sampled.response_ids, sampled.response_mask
-        keep = torch.arange(ids.shape[1], device=ids.device)[None, :] < remaining.to(ids.device)[:, None]
-        mask = mask * keep  # the length cap counts the whole response
-        eos = ((ids == self.eos_token_id) & mask.bool()).any(-1)
+        eos = ~sampled.truncated
         ended = eos | (done.to(ids.device) + mask.sum(-1) >= self.max_tokens)
         rollout = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=ids.masked_fill(mask == 0, self.pad_token_id),
                           response_mask=mask, truncated=~eos)
@@ -258,17 +221,14 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             self.pool.admit(index, prompt, ids, min(size, self.pool.free()))
         return len(mine)
 
-    def sample_window(self, prompt_ids, prompt_mask, done, max_new_tokens: int) -> Rollout:
+    def sample_window(self, prompt_ids, prompt_mask, done, max_new_tokens: torch.Tensor) -> Rollout:
+        """One window of every in-flight response; EOS stays masked until the whole response
+        (earlier windows included) has ``sampling.min_new_tokens`` tokens."""
         algo, tokenizer = self.algo, self.run.tokenizer
         hook = getattr(self, "rollout_logits_processor", None)  # a loop's reshaped sampling distribution, if any
-        processors = [hook() if hook else None]
-        if algo.sampling.min_new_tokens:
-            processors.append(eos_blocker(algo.sampling.min_new_tokens, tokenizer.eos_token_id, done, prompt_ids.shape[1]))
-        processors = [p for p in processors if p is not None]
-        processor = None if not processors else processors[0] if len(processors) == 1 else chain(processors)
         return sample(self.engine.module, prompt_ids, prompt_mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      num_samples=1, max_new_tokens=max_new_tokens, temperature=algo.sampling.temperature, top_p=algo.sampling.top_p,
-                      logits_processor=processor)
+                      num_samples=1, max_new_tokens=max_new_tokens, min_new_tokens=(algo.sampling.min_new_tokens - done).clamp(min=0),
+                      temperature=algo.sampling.temperature, top_p=algo.sampling.top_p, logits_processor=hook() if hook else None)
 
     def train_value_model(self, ended: list[InFlight], scores: list[float], filler: Rollout) -> dict[str, float]:
         """``update_epochs`` x ``minibatches`` critic steps on every token of the responses that

@@ -67,11 +67,27 @@ class Rollout:
         )
 
 
-def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask up to and including the first EOS, whether no EOS occurred)."""
-    is_eos = response_ids == eos_token_id
+def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask up to and including the first EOS, whether no EOS occurred), looking only at
+    each row's first ``lengths`` tokens when given."""
+    within = torch.ones_like(response_ids, dtype=torch.bool) if lengths is None else \
+        torch.arange(response_ids.shape[1], device=response_ids.device) < lengths[:, None]
+    is_eos = (response_ids == eos_token_id) & within
     eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    return (~eos_seen_before).long(), ~is_eos.any(-1)
+    return (~eos_seen_before & within).long(), ~is_eos.any(-1)
+
+
+def left_pad(sequences, pad_token_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), both (B, longest), of token sequences (lists or 1-D tensors), each
+    right-aligned: the prompt layout :func:`sample` takes."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long, device=device)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
 
 
 def generate(model, tokenizer, prompts: list[str], **kwargs) -> Rollout:
@@ -84,7 +100,7 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> Rollout:
 
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_token_id: int, pad_token_id: int, num_samples: int,
-           max_new_tokens: int, min_new_tokens: int = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+           max_new_tokens: int | torch.Tensor, min_new_tokens: int | torch.Tensor = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
            share_prompt: bool = True) -> Rollout:
     """``num_samples`` responses to each left-padded prompt, samples of one prompt adjacent.
@@ -94,19 +110,23 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     does, with the same result to float tolerance). Tokens are drawn (:func:`draw`) from
     exactly softmax(logits / temperature), optionally nucleus-truncated: no top-k or
     repetition penalty from the model's defaults. EOS is masked for the first
-    ``min_new_tokens`` tokens. ``logits_processor(ids_so_far, scores) -> scores``
-    may reshape each step's distribution (``transformers``' processor signature).
+    ``min_new_tokens`` tokens; a response without EOS stops (truncated) at
+    ``max_new_tokens``. Either may be a (num prompts,) tensor: one value per prompt.
+    ``logits_processor(ids_so_far, scores) -> scores`` may reshape each step's
+    distribution (``transformers``' processor signature).
     """
     was_training = model.training
     model.eval()
     sharded = is_sharded(model)
+    per_row = lambda value: torch.as_tensor(value, device=prompt_ids.device).expand(len(prompt_ids)).repeat_interleave(num_samples)  # noqa: E731
+    cap, floor = per_row(max_new_tokens), per_row(min_new_tokens)
     if not share_prompt:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     positions = position_ids_from_mask(prompt_mask)
     output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, logits = output.past_key_values, output.logits[:, -1]
     repeat = share_prompt and num_samples > 1
-    reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + max_new_tokens)
+    reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
     if repeat:
         logits = logits.repeat_interleave(num_samples, 0)
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
@@ -122,13 +142,12 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
             scores = logits.float()
             if logits_processor is not None:
                 scores = logits_processor(torch.cat([prompt_ids, *[t[:, None] for t in tokens]], dim=1), scores)
-            if len(tokens) < min_new_tokens:
-                scores[:, eos_token_id] = float("-inf")
+            scores[floor > len(tokens), eos_token_id] = float("-inf")
             token = scores.argmax(-1) if greedy else draw(sampling_probs(scores, temperature, top_p))
             token = token.masked_fill(finished, pad_token_id)
             tokens.append(token)
-            finished |= token == eos_token_id
-            done = len(tokens) == max_new_tokens or bool(finished.all())
+            finished |= (token == eos_token_id) | (cap <= len(tokens))
+            done = bool(finished.all())
         # ZeRO-3: a rank that is done keeps running (discarded) forwards until every rank is,
         # because the ranks gather the sharded parameters together
         if (all_reduce_sum(float(not done)) if sharded else float(not done)) == 0:
@@ -138,7 +157,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
         logits, next_position = output.logits[:, -1], next_position + 1
     model.train(was_training)
     response_ids = torch.stack(tokens, dim=1)
-    response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id)
+    response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id, cap)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
                    response_mask=response_mask, truncated=truncated)
 
