@@ -87,12 +87,13 @@ def plot(runs: list[dict], path: str) -> None:
     by_algo: dict[str, list[dict]] = {}
     for run in runs:
         by_algo.setdefault(run["label"], []).append(run)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for algo, group in sorted(by_algo.items()):
-        ax.plot(*mean_curve(group), label=f"{algo} ({len(group)} seeds)")
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 configurations
+    for index, (algo, group) in enumerate(sorted(by_algo.items())):
+        ax.plot(*mean_curve(group), label=f"{algo} ({len(group)} seeds)", color=colors[index % len(colors)], linestyle="-" if index < 20 else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("train reward (batch mean, seed mean, smoothed)")
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the curves, never over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
