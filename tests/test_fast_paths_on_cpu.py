@@ -136,3 +136,25 @@ def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path,
     skipped_weights, all_weights = load_file(str(skipping / "model.safetensors")), load_file(str(every_row / "model.safetensors"))
     for key, value in all_weights.items():
         torch.testing.assert_close(skipped_weights[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_sliding_window_models_keep_their_own_cache_and_decode_like_generate(tiny):
+    """Layers that are not plain full attention (here Mistral's sliding window, shorter than the
+    sequences) are not replaced by the reserved cache: greedy decoding still matches ``generate``."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = tiny
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, sliding_window=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    rollout = generate(model, tokenizer, PROMPTS, num_samples=2, max_new_tokens=10, greedy=True)
+    expected = transformers_generate(model, tokenizer, 0, max_new_tokens=10, do_sample=False).repeat_interleave(2, 0)  # greedy: both samples alike
+    assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
+    torch.manual_seed(1)
+    sampled = generate(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=8)
+    shared, _ = token_log_probs(model, sampled.sequences, sampled.attention_mask, 8, share_prompt=True)
+    whole, _ = token_log_probs(model, sampled.sequences, sampled.attention_mask, 8, share_prompt=False)
+    mask = sampled.response_mask.bool()
+    torch.testing.assert_close(shared[mask], whole[mask], atol=1e-5, rtol=0)

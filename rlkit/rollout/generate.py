@@ -185,10 +185,14 @@ class ReservedLayer(DynamicLayer):
 
 
 def reserve_cache(cache, repeats: int, capacity: int) -> None:
-    """Turn a prefilled ``DynamicCache`` into :class:`ReservedLayer` layers of ``capacity``
-    positions, each row repeated ``repeats`` times (the samples of one prompt)."""
+    """Turn a prefilled ``DynamicCache``'s full-attention layers into :class:`ReservedLayer`
+    layers of ``capacity`` positions, each row repeated ``repeats`` times (the samples of one
+    prompt). Other layer kinds (sliding-window, linear attention) keep their own cache."""
     for index, layer in enumerate(cache.layers):
-        cache.layers[index] = ReservedLayer(layer.keys, layer.values, repeats, capacity)
+        if type(layer) is DynamicLayer:
+            cache.layers[index] = ReservedLayer(layer.keys, layer.values, repeats, capacity)
+        elif repeats > 1:
+            layer.batch_repeat_interleave(repeats)
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
