@@ -16,23 +16,21 @@ import datasets
 
 from rlkit.config import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import load_split
+from rlkit.tasks.sources import SourceOptions, load_split
 
 
 @TASKS.register("humaneval")
 class CodeTask(Task):
     @dataclasses.dataclass
-    class Options:
+    class Options(SourceOptions):
         test_size: int = 40  # rows held out for evaluation when the source has one split (HumanEval: 164 problems)
-        seed: int = 0  # data seed of the held-out split, independent of the training seed
-        hub_config: str | None = None
         hub_split: str | None = "test"  # the hub dataset's only split, carved into train/test (null: use its own splits)
 
     def load_split(self, split: str) -> datasets.Dataset:
         if not self.cfg.path:
             raise ConfigError(f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a directory or a hub id")
         o = self.options
-        rows = load_split(self.cfg.path, split, test_size=o.test_size, seed=o.seed, hub_config=o.hub_config, hub_split=o.hub_split)
+        rows = load_split(self.cfg.path, split, o)
         if not ({"prompt", "test", "entry_point"} <= set(rows.column_names) or {"prompt", "tests"} <= set(rows.column_names)):
             raise ConfigError(f"task.path='{self.cfg.path}': rows need prompt, test and entry_point (HumanEval) or prompt and tests; "
                               f"columns: {', '.join(rows.column_names)}")

@@ -15,22 +15,19 @@ import datasets
 from rlkit.config import ConfigError
 from rlkit.rewards.math_equivalence import last_boxed
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import load_split
+from rlkit.tasks.sources import SourceOptions, load_split
 
 
 @TASKS.register("math")
 class MathTask(Task):
     @dataclasses.dataclass
-    class Options:
+    class Options(SourceOptions):
         test_size: int = 500  # rows held out of a single-file source
-        seed: int = 0  # data seed of that held-out split
-        hub_config: str | None = None
-        hub_split: str | None = None  # a hub dataset's only split, to carve into train/test
 
     def load_split(self, split: str) -> datasets.Dataset:
         o = self.options
         path = self.cfg.path or "DigitalLearningGmbH/MATH-lighteval"
-        rows = load_split(path, split, test_size=o.test_size, seed=o.seed, hub_config=o.hub_config, hub_split=o.hub_split)
+        rows = load_split(path, split, o)
         missing = {"problem", "solution"} - set(rows.column_names)
         if missing:
             raise ConfigError(f"task.path='{path}': rows lack {sorted(missing)}; MATH rows have problem, solution and optionally answer")

@@ -16,18 +16,15 @@ import datasets
 
 from rlkit.config import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import held_out, load_split
+from rlkit.tasks.sources import SourceOptions, held_out, load_split
 
 
 @TASKS.register("sentiment")
 class SentimentTask(Task):
     @dataclasses.dataclass
-    class Options:
+    class Options(SourceOptions):
         prompt_words: int = 16  # words of the review shown as the prompt
         continuation_words: int = 24  # words of the review after the prompt, kept as the reference continuation
-        test_size: int = 200  # reviews held out of a single-file source
-        seed: int = 0
-        hub_config: str | None = None
 
     def load_split(self, split: str) -> datasets.Dataset:
         o = self.options
@@ -39,7 +36,7 @@ class SentimentTask(Task):
             texts = [file.read_text() for file in sorted(source.rglob("*.txt"))]
             rows = held_out(datasets.Dataset.from_dict({"text": texts}), split, o.test_size, o.seed)
         else:
-            rows = load_split(path, split, test_size=o.test_size, seed=o.seed, hub_config=o.hub_config)
+            rows = load_split(path, split, o)
         if "text" not in rows.column_names:
             raise ConfigError(f"task.path='{path}': rows need a 'text' field (the review)")
         rows = rows.map(lambda row: review_row(row["text"], o.prompt_words, o.continuation_words), remove_columns=rows.column_names, desc=f"sentiment {split}")

@@ -2,6 +2,7 @@
 per-split files, or a hub dataset; and a seeded held-out split for single-split sources."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import datasets
@@ -20,10 +21,21 @@ def split_file(directory: str, split: str) -> str | None:
     return None
 
 
-def load_split(path: str, split: str, *, test_size: int, seed: int, hub_config: str | None = None, hub_split: str | None = None) -> datasets.Dataset:
+@dataclasses.dataclass
+class SourceOptions:
+    """The ``task.options`` of a task whose rows :func:`load_split` reads; tasks extend it."""
+
+    test_size: int = 200  # rows held out for evaluation when the source has a single split
+    seed: int = 0  # data seed of that held-out split, independent of the training seed
+    hub_config: str | None = None  # a hub dataset's configuration name
+    hub_split: str | None = None  # a hub dataset's only split, to carve into train/test (null: use its own splits)
+
+
+def load_split(path: str, split: str, options: SourceOptions) -> datasets.Dataset:
     """Rows of ``split`` ('train' or 'test') from ``path``: a directory with ``train`` and
     ``test`` JSONL files; a single JSONL file, split by :func:`held_out`; or a hub id,
-    whose own splits are used unless ``hub_split`` names the one split to carve up."""
+    whose own splits are used unless ``options.hub_split`` names the one split to carve up."""
+    test_size, seed, hub_config, hub_split = options.test_size, options.seed, options.hub_config, options.hub_split
     if os.path.isdir(path):
         file = split_file(path, split)
         if file is None:

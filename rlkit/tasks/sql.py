@@ -16,7 +16,7 @@ import datasets
 
 from rlkit.config import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import load_split
+from rlkit.tasks.sources import SourceOptions, load_split
 
 NAMES = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lu"]
 CITIES = ["oslo", "rome", "lima", "kyiv", "pune"]
@@ -47,13 +47,11 @@ def synthetic_problem(rng: random.Random, num_people: int) -> dict[str, str]:
 @TASKS.register("sql")
 class SQLTask(Task):
     @dataclasses.dataclass
-    class Options:
+    class Options(SourceOptions):
         train_size: int = 5000  # synthetic problems (task.path null)
         test_size: int = 200  # synthetic test problems, or rows held out of a single-file source
         num_people: int = 6  # rows of each synthetic table
-        seed: int = 0  # data seed, independent of the training seed
-        hub_config: str | None = None
-        hub_split: str | None = None  # a hub dataset's only split, to carve into train/test
+        seed: int = 0  # data seed (synthetic problems and the held-out split), independent of the training seed
 
     def __init__(self, task_cfg):
         super().__init__(task_cfg)
@@ -66,7 +64,7 @@ class SQLTask(Task):
             rng = random.Random(f"{o.seed}-{split}")
             rows = [synthetic_problem(rng, o.num_people) for _ in range(o.test_size if split == "test" else o.train_size)]
             return datasets.Dataset.from_list([sql_row(r) for r in rows])
-        rows = load_split(self.cfg.path, split, test_size=o.test_size, seed=o.seed, hub_config=o.hub_config, hub_split=o.hub_split)
+        rows = load_split(self.cfg.path, split, o)
         missing = {"question", "db", "query"} - set(rows.column_names)
         if missing:
             raise ConfigError(f"task.path='{self.cfg.path}': rows lack {sorted(missing)}; SQL rows have question, db (a SQL script) and query")

@@ -13,23 +13,20 @@ import datasets
 from rlkit.config import ConfigError
 from rlkit.rewards.text import reference_metrics
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import load_split
+from rlkit.tasks.sources import SourceOptions, load_split
 
 
 @TASKS.register("summarize")
 class SummarizeTask(Task):
     @dataclasses.dataclass
-    class Options:
+    class Options(SourceOptions):
         document_field: str = "document"
         summary_field: str = "summary"
-        test_size: int = 200  # rows held out of a single-file source
-        seed: int = 0
-        hub_config: str | None = None
 
     def load_split(self, split: str) -> datasets.Dataset:
         o = self.options
         path = self.cfg.path or "EdinburghNLP/xsum"
-        rows = load_split(path, split, test_size=o.test_size, seed=o.seed, hub_config=o.hub_config)
+        rows = load_split(path, split, o)
         missing = {o.document_field, o.summary_field} - set(rows.column_names)
         if missing:
             raise ConfigError(f"task.path='{path}': rows lack {sorted(missing)}; set task.options.document_field/summary_field")
