@@ -158,7 +158,7 @@ def expected(marker: int) -> list[int]:
 
 
 def test_responses_longer_than_a_window_are_continued_and_scored_once_when_they_end():
-    pool = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    pool = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, pad_token_id=PAD)
     ended_at, scored, windows = run_pool(pool, [101, 102, 103, 104, 105], steps=4)
     assert {m: step for m, (step, _, _) in ended_at.items()} == {101: 1, 104: 2, 102: 2, 103: 3, 105: 4}
     for marker, (_, tokens, shaping) in ended_at.items():
@@ -178,12 +178,12 @@ def test_responses_longer_than_a_window_are_continued_and_scored_once_when_they_
 
 
 def test_the_pool_survives_a_json_round_trip_mid_response():
-    pool = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    pool = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, pad_token_id=PAD)
     queue = [101, 102, 103, 104, 105]
     run_pool(pool, queue, steps=1)
     state = json.loads(json.dumps(pool.state_dict()))
     assert [(s["row"], len(s["tokens"])) for s in state["slots"]] == [(102, 4), (103, 4)]
-    restored = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, eos_token_id=EOS, pad_token_id=PAD)
+    restored = ResponsePool(capacity=3, window=WINDOW, max_tokens=MAX_TOKENS, pad_token_id=PAD)
     restored.load_state_dict(state)
     ended_at, _, _ = run_pool(restored, list(queue), steps=3)
     uninterrupted, _, _ = run_pool(pool, list(queue), steps=3)
@@ -192,7 +192,7 @@ def test_the_pool_survives_a_json_round_trip_mid_response():
 
 
 def test_a_window_never_runs_past_the_length_cap():
-    pool = ResponsePool(capacity=1, window=WINDOW, max_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    pool = ResponsePool(capacity=1, window=WINDOW, max_tokens=6, pad_token_id=PAD)
     sampler = ScriptedSampler()
     pool.admit(row=103, prompt="p", prompt_ids=[103], count=1)
     first = pool.generate(sampler)

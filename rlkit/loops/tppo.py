@@ -82,9 +82,9 @@ class ResponsePool:
     """This process's in-flight responses: admitted with their prompt, extended by one window a
     step, retired (returned whole) when they end."""
 
-    def __init__(self, capacity: int, window: int, max_tokens: int, eos_token_id: int, pad_token_id: int):
+    def __init__(self, capacity: int, window: int, max_tokens: int, pad_token_id: int):
         self.capacity, self.window, self.max_tokens = capacity, window, max_tokens
-        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.pad_token_id = pad_token_id
         self.slots: list[InFlight] = []
         self.next_uid = 0
 
@@ -160,7 +160,7 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         self.value_model, self.critic = self.critic, None
         algo, tokenizer = self.algo, run.tokenizer
         capacity = run.cfg.trainer.prompts_per_step_global // world_size() * algo.group_size
-        self.pool = ResponsePool(capacity, algo.truncation.window, algo.sampling.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        self.pool = ResponsePool(capacity, algo.truncation.window, algo.sampling.max_new_tokens, tokenizer.pad_token_id)
 
     def step(self, step: int, timer):
         run, algo, tokenizer = self.run, self.algo, self.run.tokenizer

@@ -22,13 +22,14 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     """
     positions = position_ids_from_mask(attention_mask)
     prompt_width = sequences.shape[1] - num_response_tokens
-    prompts = torch.cat([sequences[:, :prompt_width], attention_mask[:, :prompt_width]], dim=1)
-    distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)
     whole_rows = not share_prompt or num_response_tokens < 2 or (torch.is_grad_enabled() and checkpointing(model))
-    if is_sharded(model):  # ZeRO-3 ranks gather parameters together: all must run the same passes
+    sharded = is_sharded(model)
+    if sharded:  # ZeRO-3 ranks gather parameters together: all must run the same passes
         whole_rows = all_reduce_sum(float(whole_rows)) > 0
-    elif len(distinct) == len(sequences):
-        whole_rows = True  # nothing to share
+    if not whole_rows:
+        prompts = torch.cat([sequences[:, :prompt_width], attention_mask[:, :prompt_width]], dim=1)
+        distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)
+        whole_rows = len(distinct) == len(sequences) and not sharded  # nothing to share
     if whole_rows:
         return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
                      logits_to_keep=num_response_tokens + 1, use_cache=False).logits[:, :-1]
