@@ -201,6 +201,7 @@ class HardwareConfig:
     name: str = MISSING
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"  # training precision: float32 | bfloat16 | float16
+    cpu_matmul: str = "onednn"  # CPU linear layers: onednn (faster GEMMs; weights reordered once per rollout) | torch (its BLAS)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # any DeepSpeed config keys, merged last

@@ -96,7 +96,7 @@ def save_atomically(directory: str, write) -> None:
 def load_model(run: Run, source: str):
     """A trainable policy from ``source`` (a local dir or hub id) and its tokenizer."""
     tokenizer = load_tokenizer(source, run.cfg.model.trust_remote_code)
-    model = configure_for_training(load_pretrained(source, run.cfg.model), run.cfg.model)
+    model = configure_for_training(load_pretrained(source, run.cfg.model, run.cfg.hardware), run.cfg.model)
     return model, tokenizer
 
 
@@ -109,7 +109,7 @@ def load_reference(run: Run, source: str, device: torch.device):
 
 def load_frozen(run: Run, source: str, device: torch.device):
     """A frozen, evaluation-mode copy of the causal LM at ``source``."""
-    model = load_pretrained(source, run.cfg.model).to(device).eval()
+    model = load_pretrained(source, run.cfg.model, run.cfg.hardware).to(device).eval()
     model.requires_grad_(False)
     return model
 

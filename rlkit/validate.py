@@ -32,6 +32,7 @@ CHOICES = {
     "model.dtype": tuple(DTYPES),
     "hardware.dtype": tuple(DTYPES),
     "hardware.device": ("cpu", "cuda"),
+    "hardware.cpu_matmul": ("onednn", "torch"),
     "hardware.zero_stage": (0, 1, 2, 3),
     "logger.mode": ("online", "offline", "disabled"),
     "task.name": TASKS,

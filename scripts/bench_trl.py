@@ -9,8 +9,9 @@ exactly 32 new tokens (EOS masked until 32, and the pad token is the EOS token),
 top_p 1, no top-k, beta 0, one AdamW step per rollout batch, same lr/betas/decay/clip, fp32
 (``--dtype bf16``: rlkit hardware.dtype=bfloat16, TRL a bf16 model with bf16=True; unvalidated).
 Both systems load one saved random-init Llama and tokenizer per size and score with
-:func:`digit_reward`. Each repeat runs rlkit (its real CLI), TRL and a bare ``model.generate``
-in their own subprocess (W warm-up + S timed steps each), in the order A B G A B G ...
+:func:`digit_reward`. Each repeat runs rlkit (its real CLI; ``rlkit_torch_matmul`` is the same run
+with ``hardware.cpu_matmul=torch``: torch's BLAS instead of oneDNN), TRL and a bare ``model.generate``,
+each in its own subprocess (W warm-up + S timed steps), in the order of ``--systems``, repeat after repeat.
 Writes ``bench.json`` (every timed step and the summary) and ``bench.md`` into ``--out``.
 On a machine shared with other jobs pass ``--threads 1``: OpenMP threads that wait on each other
 under contention make steps up to 100x slower and the numbers meaningless.
@@ -40,6 +41,8 @@ SIZES = {
 }
 PHASES = ("rollout", "reward", "log_probs", "advantages", "update")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# rlkit as configured by default, and with its CPU linear layers on torch's BLAS instead of oneDNN
+RLKIT_SYSTEMS = {"rlkit": [], "rlkit_torch_matmul": ["hardware.cpu_matmul=torch"]}
 
 
 def digit_reward(prompts, completions, answer, **_):
@@ -201,7 +204,7 @@ def worker_generate(a) -> dict:
     return {"steps": steps[a.warmup:]}
 
 
-def rlkit_command(a, run_dir: str, work: dict) -> list[str]:
+def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
     """``rlkit train`` on the same job: the gsm8k task reading the prompts file verbatim (template
     ``{question}``, no chat template), ``reward.fn`` = this module's :func:`digit_reward`."""
     overrides = [
@@ -215,7 +218,7 @@ def rlkit_command(a, run_dir: str, work: dict) -> list[str]:
         f"trainer.max_steps={a.warmup + a.steps}", f"trainer.prompts_per_step_global={PROMPTS}", f"trainer.micro_batch_per_device={ROWS}",
         "trainer.eval_every=0", "trainer.save_every=0", "eval.num_examples=1", "eval.pass_k=0", "logger.mode=disabled",
         "logger.progress_bar=false", f"hardware.dtype={TORCH_DTYPES[a.dtype]}", f"seed={SEED}", "resume=never", "run_name=bench",
-        f"hydra.run.dir={run_dir}",
+        f"hydra.run.dir={run_dir}", *extra,
     ]
     return [sys.executable, "-m", "rlkit.cli", "train", *overrides]
 
@@ -262,11 +265,11 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
     result = os.path.join(run_dir, "result.json")
     common = ["--model-dir", work["model_dir"], "--prompts", os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"),
               "--run-dir", run_dir, "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", a.dtype]
-    cmd = rlkit_command(a, run_dir, work) if system == "rlkit" else [sys.executable, os.path.abspath(__file__), "--worker", system, *common]
+    cmd = rlkit_command(a, run_dir, work, RLKIT_SYSTEMS[system]) if system in RLKIT_SYSTEMS else [sys.executable, os.path.abspath(__file__), "--worker", system, *common]
     code, rss, wall = run_subprocess(cmd, os.path.join(run_dir, "log.txt"), env)
     if code:
         sys.exit(f"{system} ({size}, repeat {repeat}) failed with exit code {code}: see {run_dir}/log.txt")
-    if system == "rlkit":
+    if system in RLKIT_SYSTEMS:
         steps, checks = rlkit_steps(run_dir, a.warmup), rlkit_checks(run_dir)
         shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # the final checkpoint, only disk
     else:
@@ -278,13 +281,18 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
     return {"system": system, "repeat": repeat, "peak_rss_mib": rss, "wall_s": wall, "checks": checks, "steps": steps}
 
 
-def matmul_flops_per_s(m: int, k: int, n: int, dtype: str) -> float:
-    """FLOP/s of an (m x k) @ (k x n) matmul: the median of ~1 s of timed blocks (torch.utils.benchmark)."""
+def matmul_flops_per_s(m: int, k: int, n: int, dtype: str, backend: str) -> float:
+    """FLOP/s of an (m x k) @ (k x n) matmul through ``backend`` (``torch``: ``x @ y``, its BLAS;
+    ``onednn``: oneDNN's linear, as rlkit's CPU layers use it): the median of ~1 s of timed blocks."""
     import torch
     from torch.utils.benchmark import Timer
 
+    from rlkit.models.onednn_linear import onednn_matmul
+
     x, y = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
-    return 2 * m * k * n / Timer("x @ y", globals={"x": x, "y": y}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=1.0).median
+    statement = {"torch": "x @ y", "onednn": "onednn_matmul(x, w)"}[backend]
+    timer = Timer(statement, globals={"x": x, "y": y, "w": y.t().contiguous(), "onednn_matmul": onednn_matmul}, num_threads=torch.get_num_threads())
+    return 2 * m * k * n / timer.blocked_autorange(min_run_time=1.0).median
 
 
 def update_flops(arch: dict, rows: int = ROWS, share_prompts: bool = True, prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict:
@@ -317,7 +325,7 @@ def spread(values: list[float]) -> dict:
 
 def step_update_flops(system: str, step: dict, arch: dict) -> float:
     """The update FLOPs a system computed in one step (:func:`update_flops`)."""
-    if system == "rlkit":
+    if system in RLKIT_SYSTEMS:
         return update_flops(arch, rows=step.get("trained_rows", ROWS))["total"]
     return update_flops(arch, share_prompts=False)["total"]
 
@@ -335,13 +343,14 @@ def summarize(runs: list[dict], arch: dict, peak: float) -> dict:
                        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs if r["system"] == system),
                        "exact_tokens": all(s["tokens"] == STEP_TOKENS and s["eos_sampled"] == 0 for s in steps)}
         if phases.get("update"):
-            out[system]["trained_rows"] = med("trained_rows") if system == "rlkit" else ROWS
+            out[system]["trained_rows"] = med("trained_rows") if system in RLKIT_SYSTEMS else ROWS
             out[system]["update_flops_per_s"] = statistics.median(step_update_flops(system, s, arch) / s["update"] for s in steps)
             out[system]["update_frac_of_peak"] = out[system]["update_flops_per_s"] / peak
     ratios = {}
-    if "rlkit" in out and "trl" in out:
-        ratios["rlkit/trl tokens_per_s"] = out["rlkit"]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
-    for system in ("rlkit", "trl"):
+    for system in RLKIT_SYSTEMS:
+        if system in out and "trl" in out:
+            ratios[f"{system}/trl tokens_per_s"] = out[system]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
+    for system in (*RLKIT_SYSTEMS, "trl"):
         if system in out and "generate" in out:
             ratios[f"{system} rollout / bare generate tokens_per_s"] = out[system]["rollout_tokens_per_s"] / out["generate"]["rollout_tokens_per_s"]
     return {"systems": out, "ratios": ratios}
@@ -385,6 +394,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    p.add_argument("--systems", default=",".join([*RLKIT_SYSTEMS, "trl", "generate"]), help="run in this order within each repeat")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every process (default: torch's)")
     p.add_argument("--out", default="/tmp/rlkit_bench")
@@ -419,9 +429,10 @@ def main() -> None:
         work = make_work_dir(size, os.path.join(a.out, "work"))
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
         m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]
-        matmul = {f"{dt} {m}x{d}x{ff}": matmul_flops_per_s(m, d, ff, dt) for dt in dtypes} | {f"{dt} 1024^3": matmul_flops_per_s(1024, 1024, 1024, dt) for dt in dtypes}
+        matmul = {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in ("torch", "onednn")
+                  for shape, dims in ((f"{m}x{d}x{ff}", (m, d, ff)), ("1024^3", (1024, 1024, 1024)))}
         peak = max(v for k, v in matmul.items() if k.startswith(TORCH_DTYPES[a.dtype]))
-        runs = [run_one(a, system, size, repeat, work, env) for repeat in range(a.repeats) for system in ("rlkit", "trl", "generate")]
+        runs = [run_one(a, system, size, repeat, work, env) for repeat in range(a.repeats) for system in a.systems.split(",")]
         report["sizes"][size] = {"arch": work["arch"], "params": work["params"], "update_flops": update_flops(work["arch"]), "matmul": matmul,
                                  "update_flops_full_rows": update_flops(work["arch"], share_prompts=False),
                                  "summary": summarize(runs, work["arch"], peak), "runs": runs}

@@ -19,7 +19,7 @@ class Critic:
         if self.shared:
             self.engine = policy_engine  # the value head was attached before the engine was built
         else:
-            model = configure_for_training(load_pretrained(start_dir, run.cfg.model), run.cfg.model)
+            model = configure_for_training(load_pretrained(start_dir, run.cfg.model, run.cfg.hardware), run.cfg.model)
             attach_value_head(model)
             self.engine = make_engine(run, model, lr=self.algo.critic.lr, batch_size_global=batch_size_global, total_steps=total_steps)
         self.loss_fn = VALUE_LOSSES.get(self.algo.critic.loss)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rlkit.models.onednn_linear import use_onednn_linears
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -16,11 +18,16 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_pretrained(name_or_path: str, model_cfg) -> PreTrainedModel:
+def load_pretrained(name_or_path: str, model_cfg, hardware=None) -> PreTrainedModel:
+    """The causal LM; with ``hardware`` (a HardwareConfig) on CPU, its linear layers
+    use oneDNN unless ``hardware.cpu_matmul=torch`` or ZeRO-3 shards them."""
     kwargs = {"dtype": DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if hardware is not None and hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3:
+        use_onednn_linears(model)
+    return model
 
 
 def configure_for_training(model: PreTrainedModel, model_cfg) -> PreTrainedModel:

@@ -1,6 +1,7 @@
 """Batched sampling of responses: one prefill per prompt, then token-by-token decoding on a shared KV cache."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -9,6 +10,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from rlkit.engine import all_reduce_sum, is_sharded
+from rlkit.models.onednn_linear import packed_weights
 from rlkit.rollout.logprobs import position_ids_from_mask
 
 
@@ -123,38 +125,39 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     if not share_prompt:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     positions = position_ids_from_mask(prompt_mask)
-    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = output.past_key_values, output.logits[:, -1]
-    repeat = share_prompt and num_samples > 1
-    reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
-    if repeat:
-        logits = logits.repeat_interleave(num_samples, 0)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
-        positions = positions.repeat_interleave(num_samples, 0)
-    rows = prompt_ids.shape[0]
-    next_position = positions[:, -1:] + 1
-    mask = prompt_mask
-    tokens: list[torch.Tensor] = []
-    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
-    done = False
-    while True:
-        if not done:
-            scores = logits.float()
-            if logits_processor is not None:
-                scores = logits_processor(torch.cat([prompt_ids, *[t[:, None] for t in tokens]], dim=1), scores)
-            scores[floor > len(tokens), eos_token_id] = float("-inf")
-            token = scores.argmax(-1) if greedy else draw(sampling_probs(scores, temperature, top_p))
-            token = token.masked_fill(finished, pad_token_id)
-            tokens.append(token)
-            finished |= (token == eos_token_id) | (cap <= len(tokens))
-            done = bool(finished.all())
-        # ZeRO-3: a rank that is done keeps running (discarded) forwards until every rank is,
-        # because the ranks gather the sharded parameters together
-        if (all_reduce_sum(float(not done)) if sharded else float(not done)) == 0:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        output = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True)
-        logits, next_position = output.logits[:, -1], next_position + 1
+    with contextlib.nullcontext() if sharded else packed_weights(model, len(cap)):  # oneDNN layers: weights reordered once for all steps
+        output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, logits = output.past_key_values, output.logits[:, -1]
+        repeat = share_prompt and num_samples > 1
+        reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
+        if repeat:
+            logits = logits.repeat_interleave(num_samples, 0)
+            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+            positions = positions.repeat_interleave(num_samples, 0)
+        rows = prompt_ids.shape[0]
+        next_position = positions[:, -1:] + 1
+        mask = prompt_mask
+        tokens: list[torch.Tensor] = []
+        finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+        done = False
+        while True:
+            if not done:
+                scores = logits.float()
+                if logits_processor is not None:
+                    scores = logits_processor(torch.cat([prompt_ids, *[t[:, None] for t in tokens]], dim=1), scores)
+                scores[floor > len(tokens), eos_token_id] = float("-inf")
+                token = scores.argmax(-1) if greedy else draw(sampling_probs(scores, temperature, top_p))
+                token = token.masked_fill(finished, pad_token_id)
+                tokens.append(token)
+                finished |= (token == eos_token_id) | (cap <= len(tokens))
+                done = bool(finished.all())
+            # ZeRO-3: a rank that is done keeps running (discarded) forwards until every rank is,
+            # because the ranks gather the sharded parameters together
+            if (all_reduce_sum(float(not done)) if sharded else float(not done)) == 0:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            output = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True)
+            logits, next_position = output.logits[:, -1], next_position + 1
     model.train(was_training)
     response_ids = torch.stack(tokens, dim=1)
     response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id, cap)

@@ -1,0 +1,107 @@
+"""oneDNN linear layers give nn.Linear's results (values and gradients, to float rounding),
+keep the checkpoint format, and change no rollout."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from rlkit.models import load_pretrained
+from rlkit.models.onednn_linear import OneDNNLinear, packed_weights, use_onednn_linears
+from rlkit.models.tiny import build_tiny_model
+from rlkit.rollout.generate import generate
+from rlkit.rollout.logprobs import token_log_probs
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    arch = SimpleNamespace(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128)
+    return build_tiny_model(arch, [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], seed=0)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_gradients_match_nn_linear(dtype, tolerance, bias):
+    torch.manual_seed(0)
+    reference = nn.Linear(48, 24, bias=bias, dtype=dtype)
+    layer = copy.deepcopy(reference)
+    assert use_onednn_linears(layer) == 1 and type(layer) is OneDNNLinear
+    x = torch.randn(3, 5, 48, dtype=dtype)[:, 1:]  # a non-contiguous batch of sequences
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outputs = [module(value) for module, value in zip((reference, layer), inputs)]
+    upstream = torch.randn_like(outputs[0])
+    for output in outputs:
+        (output * upstream).sum().backward()
+    scale = lambda t: t.float().abs().max()  # noqa: E731
+    assert (outputs[0] - outputs[1]).float().abs().max() <= tolerance * scale(outputs[0])
+    assert (inputs[0].grad - inputs[1].grad).float().abs().max() <= tolerance * scale(inputs[0].grad)
+    for expected, actual in zip(reference.parameters(), layer.parameters()):
+        assert (expected.grad - actual.grad).float().abs().max() <= tolerance * scale(expected.grad)
+
+
+def test_packed_weights_give_the_same_products_and_are_dropped_after(tiny):
+    model = copy.deepcopy(tiny[0])
+    use_onednn_linears(model)
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        expected = nn.functional.linear(x, layer.weight)
+        with packed_weights(model, rows=16):
+            assert layer.packed_weight is not None
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer(x[:3]), expected[:3], rtol=1e-5, atol=1e-5)  # any number of rows
+    assert all(module.packed_weight is None for module in model.modules() if isinstance(module, OneDNNLinear))
+    with pytest.raises(RuntimeError, match="inference"), packed_weights(model, rows=16):
+        pass
+
+
+def test_checkpoints_keep_their_format_and_load_with_plain_transformers(tiny, tmp_path):
+    model = copy.deepcopy(tiny[0])
+    converted = use_onednn_linears(model)
+    assert converted == sum(type(m) is nn.Linear for m in tiny[0].modules()) > 0
+    assert model.state_dict().keys() == tiny[0].state_dict().keys()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(m, OneDNNLinear) for m in loaded.modules())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp_path):
+    tiny[0].save_pretrained(tmp_path)
+    model_cfg = SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None)
+    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, **kw})  # noqa: E731
+    has_onednn = lambda model: any(isinstance(m, OneDNNLinear) for m in model.modules())  # noqa: E731
+    assert has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware()))
+    assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(cpu_matmul="torch")))
+    assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(zero_stage=3)))  # DeepSpeed owns sharded layers
+
+
+def test_rollouts_and_log_probs_match_torch_linears(tiny):
+    """Sampling with packed oneDNN weights draws the same tokens as with nn.Linear, and the
+    training forward gives the same log-probs and gradients, to float tolerance."""
+    reference, tokenizer = tiny
+    model = copy.deepcopy(reference)
+    use_onednn_linears(model)
+    rollouts = []
+    for candidate in (reference, model):
+        torch.manual_seed(3)
+        rollouts.append(generate(candidate, tokenizer, PROMPTS, num_samples=4, max_new_tokens=12))
+    assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
+    rollout = rollouts[0]
+    results = []
+    for candidate in (reference, model):
+        candidate.zero_grad()
+        log_probs, _ = token_log_probs(candidate, rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1])
+        (log_probs * rollout.response_mask).sum().backward()
+        results.append((log_probs.detach(), [p.grad.clone() for p in candidate.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for expected, actual in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(expected, actual, rtol=1e-4, atol=1e-5)
