@@ -32,7 +32,7 @@ def test_values_and_gradients_match_nn_linear(dtype, tolerance, bias):
     torch.manual_seed(0)
     reference = nn.Linear(48, 24, bias=bias, dtype=dtype)
     layer = copy.deepcopy(reference)
-    assert use_onednn_linears(layer) == 1 and type(layer) is OneDNNLinear
+    assert use_onednn_linears(layer, min_weight_elements=0) == 1 and type(layer) is OneDNNLinear
     x = torch.randn(3, 5, 48, dtype=dtype)[:, 1:]  # a non-contiguous batch of sequences
     inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
     outputs = [module(value) for module, value in zip((reference, layer), inputs)]
@@ -48,7 +48,7 @@ def test_values_and_gradients_match_nn_linear(dtype, tolerance, bias):
 
 def test_packed_weights_give_the_same_products_and_are_dropped_after(tiny):
     model = copy.deepcopy(tiny[0])
-    use_onednn_linears(model)
+    use_onednn_linears(model, min_weight_elements=0)
     layer = model.model.layers[0].mlp.up_proj
     x = torch.randn(16, 64)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_packed_weights_give_the_same_products_and_are_dropped_after(tiny):
 
 def test_checkpoints_keep_their_format_and_load_with_plain_transformers(tiny, tmp_path):
     model = copy.deepcopy(tiny[0])
-    converted = use_onednn_linears(model)
+    converted = use_onednn_linears(model, min_weight_elements=0)
     assert converted == sum(type(m) is nn.Linear for m in tiny[0].modules()) > 0
     assert model.state_dict().keys() == tiny[0].state_dict().keys()
     model.save_pretrained(tmp_path)
@@ -74,7 +74,14 @@ def test_checkpoints_keep_their_format_and_load_with_plain_transformers(tiny, tm
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp_path):
+def test_small_layers_stay_on_torch():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(256, 256), nn.Linear(512, 128))
+    assert use_onednn_linears(model) == 2
+    assert [type(layer) for layer in model] == [nn.Linear, OneDNNLinear, OneDNNLinear]
+
+
+def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr("rlkit.models.onednn_linear.MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's layers are below the default
     tiny[0].save_pretrained(tmp_path)
     model_cfg = SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None)
     hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, **kw})  # noqa: E731
@@ -89,7 +96,7 @@ def test_rollouts_and_log_probs_match_torch_linears(tiny):
     training forward gives the same log-probs and gradients, to float tolerance."""
     reference, tokenizer = tiny
     model = copy.deepcopy(reference)
-    use_onednn_linears(model)
+    use_onednn_linears(model, min_weight_elements=0)
     rollouts = []
     for candidate in (reference, model):
         torch.manual_seed(3)
