@@ -44,16 +44,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="25m")
     parser.add_argument("--work", default="/tmp/rlkit_profile")
+    parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn", help="as rlkit's hardware.cpu_matmul")
     parser.add_argument("--rows", type=int, default=8, help="operators listed per phase")
     parser.add_argument("--out", help="Markdown file to write (default: print)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlkit.models.onednn_linear import use_onednn_linears
     from rlkit.rollout.generate import sample
     from rlkit.rollout.logprobs import token_log_probs
 
     work = make_work_dir(args.size, args.work)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(work["model_dir"]), AutoTokenizer.from_pretrained(work["model_dir"])
+    if args.cpu_matmul == "onednn":
+        use_onednn_linears(model)  # as `rlkit train` does on CPU (hardware.cpu_matmul)
     prompts = [row["prompt"] for row in read_jsonl(os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"))]
     ids = tokenizer(prompts, return_tensors="pt", add_special_tokens=False).input_ids
     settings = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_samples=GROUP,
@@ -69,7 +73,7 @@ def main() -> None:
     phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings), args.rows),
               "update (forward + backward)": profiled(update, args.rows)}
     lines = [f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
-             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads", ""]
+             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, cpu_matmul={args.cpu_matmul}", ""]
     for phase, (seconds, operators) in phases.items():
         lines += [f"## {phase}: {seconds:.3f} s", "", "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
         lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in operators] + [""]
