@@ -18,14 +18,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_pretrained(name_or_path: str, model_cfg, hardware=None) -> PreTrainedModel:
-    """The causal LM; with ``hardware`` (a HardwareConfig) on CPU, its linear layers
-    use oneDNN unless ``hardware.cpu_matmul=torch`` or ZeRO-3 shards them."""
+def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
+    """The causal LM; on a CPU ``hardware`` (a HardwareConfig) its linear layers use
+    oneDNN unless ``hardware.cpu_matmul=torch`` or ZeRO-3 shards them."""
     kwargs = {"dtype": DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-    if hardware is not None and hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3:
+    if hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3:
         use_onednn_linears(model)
     return model
 

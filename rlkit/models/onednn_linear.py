@@ -60,15 +60,11 @@ class OneDNNLinear(nn.Linear):
         return OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available()
-
-
 def use_onednn_linears(model: nn.Module, min_weight_elements: int | None = None) -> int:
     """Make every plain float32/bfloat16 ``nn.Linear`` of a CPU ``model`` with at least
     ``min_weight_elements`` weights (default :data:`MIN_WEIGHT_ELEMENTS`) a :class:`OneDNNLinear`,
     in place; subclasses such as adapters are left alone. Returns how many were converted."""
-    if not onednn_available():
+    if not torch.backends.mkldnn.is_available():
         return 0
     smallest = MIN_WEIGHT_ELEMENTS if min_weight_elements is None else min_weight_elements
     converted = 0

@@ -1,7 +1,6 @@
 """Batched sampling of responses: one prefill per prompt, then token-by-token decoding on a shared KV cache."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable
@@ -125,7 +124,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     if not share_prompt:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     positions = position_ids_from_mask(prompt_mask)
-    with contextlib.nullcontext() if sharded else packed_weights(model, len(cap)):  # oneDNN layers: weights reordered once for all steps
+    with packed_weights(model, len(cap)):  # oneDNN layers (never sharded ones): weights reordered once for all steps
         output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, logits = output.past_key_values, output.logits[:, -1]
         repeat = share_prompt and num_samples > 1
