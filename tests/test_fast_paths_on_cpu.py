@@ -79,6 +79,13 @@ def test_draw_follows_the_distribution_and_never_picks_impossible_tokens():
     assert torch.equal(draw(torch.tensor([[0.0, 1.0, 0.0]])), torch.tensor([1]))
 
 
+def test_draw_never_runs_past_the_last_possible_token(monkeypatch):
+    """A uniform number at the top of its range (the threshold equals the total mass) still
+    draws the last token of nonzero probability, not a zero-probability one after it."""
+    monkeypatch.setattr(torch, "rand_like", torch.ones_like)
+    assert torch.equal(draw(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.3, 0.0, 0.7]])), torch.tensor([1, 3]))
+
+
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     probs = sampling_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
     torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 reaches 0.8: draw() takes unnormalised rows

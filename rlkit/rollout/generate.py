@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from rlkit.engine import all_reduce_sum, is_sharded
 from rlkit.models.onednn_linear import packed_weights
+from rlkit.rollout.decoding import decoding_step, reserve_cache
 from rlkit.rollout.logprobs import position_ids_from_mask
 
 
@@ -103,7 +103,7 @@ def generate(model, tokenizer, prompts: list[str], **kwargs) -> Rollout:
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_token_id: int, pad_token_id: int, num_samples: int,
            max_new_tokens: int | torch.Tensor, min_new_tokens: int | torch.Tensor = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
            logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-           share_prompt: bool = True) -> Rollout:
+           share_prompt: bool = True, hand_written_step: bool = True) -> Rollout:
     """``num_samples`` responses to each left-padded prompt, samples of one prompt adjacent.
 
     Each prompt is prefilled once and its KV cache repeated for its samples
@@ -114,7 +114,9 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     ``min_new_tokens`` tokens; a response without EOS stops (truncated) at
     ``max_new_tokens``. Either may be a (num prompts,) tensor: one value per prompt.
     ``logits_processor(ids_so_far, scores) -> scores`` may reshape each step's
-    distribution (``transformers``' processor signature).
+    distribution (``transformers``' processor signature). Llama-family models decode
+    through a hand-written step (:func:`~rlkit.rollout.decoding.decoding_step`) unless
+    ``hand_written_step`` is False.
     """
     was_training = model.training
     model.eval()
@@ -135,7 +137,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
             positions = positions.repeat_interleave(num_samples, 0)
         rows = prompt_ids.shape[0]
         next_position = positions[:, -1:] + 1
-        mask = prompt_mask
+        step = decoding_step(model, cache, prompt_mask, hand_written_step)
         tokens: list[torch.Tensor] = []
         finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
         done = False
@@ -154,9 +156,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
             # because the ranks gather the sharded parameters together
             if (all_reduce_sum(float(not done)) if sharded else float(not done)) == 0:
                 break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            output = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, past_key_values=cache, use_cache=True)
-            logits, next_position = output.logits[:, -1], next_position + 1
+            logits, next_position = step(token, next_position), next_position + 1
     model.train(was_training)
     response_ids = torch.stack(tokens, dim=1)
     response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id, cap)
@@ -164,47 +164,16 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
                    response_mask=response_mask, truncated=truncated)
 
 
-class ReservedLayer(DynamicLayer):
-    """A KV-cache layer whose buffers are allocated once for the whole generation: each
-    decoding step writes its keys and values in place, where a growing cache would copy
-    all of them (``torch.cat``) at every step."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: int, capacity: int):
-        super().__init__()
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        shape = (keys.shape[0] * repeats, keys.shape[1], capacity, keys.shape[3])
-        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
-        self.length = 0
-        self.update(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
-        return self.keys, self.values
-
-
-def reserve_cache(cache, repeats: int, capacity: int) -> None:
-    """Turn a prefilled ``DynamicCache``'s full-attention layers into :class:`ReservedLayer`
-    layers of ``capacity`` positions, each row repeated ``repeats`` times (the samples of one
-    prompt). Other layer kinds (sliding-window, linear attention) keep their own cache."""
-    for index, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer:
-            cache.layers[index] = ReservedLayer(layer.keys, layer.values, repeats, capacity)
-        elif repeats > 1:
-            layer.batch_repeat_interleave(repeats)
-
-
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row from (unnormalised) ``probs`` by inverse-CDF sampling: one uniform
     number per row, ten times cheaper on CPU than ``torch.multinomial`` (which draws an
     exponential number per vocabulary entry). Tokens of probability 0 are never drawn."""
     cdf = probs.cumsum(-1)
-    threshold = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    last_possible = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)  # where rounding could push the threshold past the end
-    return torch.minimum(torch.searchsorted(cdf, threshold, right=True).squeeze(1), last_possible)
+    total = cdf[:, -1:]
+    # strictly below the total mass, even where u * total rounds up to it: the first position
+    # whose cumulative mass exceeds the threshold then always has a probability above 0
+    threshold = torch.minimum(torch.rand_like(total) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1)
 
 
 def sampling_probs(scores: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
