@@ -169,7 +169,7 @@ class ModelConfig:
     sft_lr: float = 1e-5  # supervised learning rate suited to this model's scale (algo=sft)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; null = transformers' default
+    attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; null = transformers' default (eager in bf16 on CPU)
     tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 

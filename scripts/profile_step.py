@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="25m")
     parser.add_argument("--work", default="/tmp/rlkit_profile")
     parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn", help="as rlkit's hardware.cpu_matmul")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="as rlkit's hardware.dtype")
     parser.add_argument("--rows", type=int, default=8, help="operators listed per phase")
     parser.add_argument("--out", help="Markdown file to write (default: print)")
     args = parser.parse_args()
@@ -56,6 +57,7 @@ def main() -> None:
 
     work = make_work_dir(args.size, args.work)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(work["model_dir"]), AutoTokenizer.from_pretrained(work["model_dir"])
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
     if args.cpu_matmul == "onednn":
         use_onednn_linears(model)  # as `rlkit train` does on CPU (hardware.cpu_matmul)
     prompts = [row["prompt"] for row in read_jsonl(os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"))]
@@ -73,7 +75,7 @@ def main() -> None:
     phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings), args.rows),
               "update (forward + backward)": profiled(update, args.rows)}
     lines = [f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
-             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, cpu_matmul={args.cpu_matmul}", ""]
+             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}", ""]
     for phase, (seconds, operators) in phases.items():
         lines += [f"## {phase}: {seconds:.3f} s", "", "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
         lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in operators] + [""]

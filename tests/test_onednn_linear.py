@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from rlkit.models import load_pretrained
+from rlkit.models.loading import default_attention
 from rlkit.models.onednn_linear import OneDNNLinear, packed_weights, use_onednn_linears
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import generate
@@ -84,11 +85,23 @@ def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp
     monkeypatch.setattr("rlkit.models.onednn_linear.MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's layers are below the default
     tiny[0].save_pretrained(tmp_path)
     model_cfg = SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None)
-    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, **kw})  # noqa: E731
+    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, "dtype": "float32", **kw})  # noqa: E731
     has_onednn = lambda model: any(isinstance(m, OneDNNLinear) for m in model.modules())  # noqa: E731
     assert has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware()))
     assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(cpu_matmul="torch")))
     assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(zero_stage=3)))  # DeepSpeed owns sharded layers
+
+
+def test_bf16_on_cpu_loads_matmul_attention_unless_told_otherwise(tiny, tmp_path):
+    """The fused SDPA kernel's CPU backward is slow in bf16: null attention means eager there only."""
+    tiny[0].save_pretrained(tmp_path)
+    model_cfg = lambda **kw: SimpleNamespace(**{"dtype": "float32", "trust_remote_code": False, "attn_implementation": None, **kw})  # noqa: E731
+    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "torch", "zero_stage": 0, "dtype": "float32", **kw})  # noqa: E731
+    attention = lambda model_kw, hardware_kw: load_pretrained(str(tmp_path), model_cfg(**model_kw), hardware(**hardware_kw)).config._attn_implementation  # noqa: E731
+    assert attention({}, {}) == "sdpa"
+    assert attention({}, {"dtype": "bfloat16"}) == attention({"dtype": "bfloat16"}, {}) == "eager"
+    assert attention({"attn_implementation": "sdpa"}, {"dtype": "bfloat16"}) == "sdpa"
+    assert default_attention(model_cfg(), hardware(device="cuda", dtype="bfloat16")) is None
 
 
 def test_rollouts_and_log_probs_match_torch_linears(tiny):

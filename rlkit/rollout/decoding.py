@@ -1,9 +1,9 @@
 """One-token decoding steps on a KV cache reserved for the whole response.
 
-A step maps (tokens (R,), positions (R, 1)) to next-token logits (R, V). Llama-family
-models (Llama, Qwen2, Mistral without a sliding window) decode through a hand-written
-step that calls the model's own layers; any other model decodes through its
-``transformers`` forward. Both give the same logits to float tolerance.
+A step maps (tokens (R,), positions (R, 1)) to next-token logits (R, V). On CPU,
+Llama-family models (Llama, Qwen2, Mistral without a sliding window) decode through a
+hand-written step that calls the model's own layers; any other model or device decodes
+through the ``transformers`` forward. Both give the same logits to float tolerance.
 """
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ def reserve_cache(cache, repeats: int, capacity: int) -> None:
 
 def decoding_step(model, cache, prompt_mask: torch.Tensor, hand_written: bool = True) -> DecodingStep:
     """The step that continues ``cache`` (prefilled with the left-padded prompts of ``prompt_mask``):
-    hand-written for a Llama-family model whose every cache layer is reserved full attention,
-    unless ``hand_written`` is False; otherwise the model's forward."""
-    if hand_written and type(model) in HAND_WRITTEN_ARCHITECTURES and not is_sharded(model) \
+    hand-written for a Llama-family model on CPU whose every cache layer is reserved full
+    attention, unless ``hand_written`` is False; otherwise the model's forward. (GPU decoding
+    keeps the forward: the hand-written step is measured on CPU only.)"""
+    if hand_written and prompt_mask.device.type == "cpu" and type(model) in HAND_WRITTEN_ARCHITECTURES and not is_sharded(model) \
             and all(type(layer) is ReservedLayer for layer in cache.layers):
         return llama_step(model, cache, prompt_mask)
     return transformers_step(model, cache, prompt_mask)

@@ -114,7 +114,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     ``min_new_tokens`` tokens; a response without EOS stops (truncated) at
     ``max_new_tokens``. Either may be a (num prompts,) tensor: one value per prompt.
     ``logits_processor(ids_so_far, scores) -> scores`` may reshape each step's
-    distribution (``transformers``' processor signature). Llama-family models decode
+    distribution (``transformers``' processor signature). On CPU, Llama-family models decode
     through a hand-written step (:func:`~rlkit.rollout.decoding.decoding_step`) unless
     ``hand_written_step`` is False.
     """
