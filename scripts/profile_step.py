@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,17 +50,18 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="operators listed per phase")
     parser.add_argument("--out", help="Markdown file to write (default: print)")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from rlkit.models.onednn_linear import use_onednn_linears
+    from rlkit.models import load_pretrained
     from rlkit.rollout.generate import sample
     from rlkit.rollout.logprobs import token_log_probs
 
     work = make_work_dir(args.size, args.work)
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(work["model_dir"]), AutoTokenizer.from_pretrained(work["model_dir"])
-    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype])
-    if args.cpu_matmul == "onednn":
-        use_onednn_linears(model)  # as `rlkit train` does on CPU (hardware.cpu_matmul)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    # loaded as `rlkit train` loads it on CPU: oneDNN linear layers (hardware.cpu_matmul), eager attention in bf16
+    model = load_pretrained(work["model_dir"], SimpleNamespace(dtype=dtype, trust_remote_code=False, attn_implementation=None),
+                            SimpleNamespace(device="cpu", cpu_matmul=args.cpu_matmul, zero_stage=0, dtype=dtype))
+    tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
     prompts = [row["prompt"] for row in read_jsonl(os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"))]
     ids = tokenizer(prompts, return_tensors="pt", add_special_tokens=False).input_ids
     settings = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_samples=GROUP,
