@@ -77,3 +77,15 @@ def test_other_models_decode_through_their_forward():
         reserve_cache(cache, 1, ids.shape[1] + 4)
         step = decoding_step(model, cache, mask)
         assert (step.__qualname__.split(".")[0] == llama_step.__name__) == hand_written
+
+
+def test_reserved_cache_is_finite_where_not_yet_written():
+    """The hand-written step attends (masked) to every reserved position, so unwritten ones must not be NaN."""
+    ids, mask = left_pad(PROMPTS, pad_token_id=0)
+    model = MODELS["llama, multi-head, attention bias"]().eval()
+    with torch.no_grad():
+        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+    reserve_cache(cache, 3, ids.shape[1] + 6)
+    for layer in cache.layers:
+        assert layer.key_buffer.shape[0] == 3 * len(PROMPTS) and layer.length == ids.shape[1]
+        assert not layer.key_buffer[:, :, layer.length:].any() and not layer.value_buffer[:, :, layer.length:].any()

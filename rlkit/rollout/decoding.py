@@ -28,9 +28,11 @@ class ReservedLayer(DynamicLayer):
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         shape = (keys.shape[0] * repeats, keys.shape[1], capacity, keys.shape[3])
-        self.key_buffer, self.value_buffer = keys.new_zeros(shape), values.new_zeros(shape)  # zeros: finite where not yet written
+        self.key_buffer, self.value_buffer = keys.new_empty(shape), values.new_empty(shape)
         self.length = 0
         self.update(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
+        for buffer in (self.key_buffer, self.value_buffer):
+            buffer[:, :, self.length:].zero_()  # finite where not yet written: masked attention multiplies them by 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
