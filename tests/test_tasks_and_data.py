@@ -223,6 +223,27 @@ def test_gsm8k_path_that_is_a_file_or_missing_local_dir(tmp_path):
         GSM8KTask(task_cfg(name="gsm8k", path=str(tmp_path / "nope"))).split("train")
 
 
+def test_malformed_jsonl_is_a_one_line_error_naming_the_file(tmp_path):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\nnot json\n")
+    with pytest.raises(ConfigError, match=r"cannot read '.*train.jsonl': JSON parse error"):
+        GSM8KTask(task_cfg(name="gsm8k", path=str(tmp_path))).split("train")
+    with pytest.raises(ConfigError, match=r"cannot read '.*train.jsonl': JSON parse error"):
+        build_task(task_cfg(name="math", path=str(tmp_path / "train.jsonl"))).split("train")
+
+
+def test_unloadable_models_are_one_line_errors(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlkit.models.loading import from_pretrained
+
+    with pytest.raises(ConfigError, match="model directory '/no/such/model' does not exist"):
+        from_pretrained(AutoTokenizer, "/no/such/model")
+    with pytest.raises(ConfigError, match="cannot load 'no-such-org/no-such-model'"):
+        from_pretrained(AutoTokenizer, "no-such-org/no-such-model")  # the tests run offline
+    with pytest.raises(ConfigError, match=f"cannot load '{tmp_path}'"):
+        from_pretrained(AutoTokenizer, str(tmp_path))  # a directory without a tokenizer
+
+
 def test_gsm8k_unknown_option():
     with pytest.raises(ConfigError, match="task.options.seed: unknown option; valid: hub_config"):
         GSM8KTask(task_cfg(name="gsm8k", options={"seed": 1}))

@@ -1,17 +1,32 @@
 """Loading any causal LM by ``name_or_path`` (local directory or hub id)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rlkit.config import ConfigError
 from rlkit.models.onednn_linear import use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def from_pretrained(auto_class, name_or_path: str, **kwargs):
+    """``auto_class.from_pretrained``, where a missing local directory, an unreachable hub id or a
+    setting ``transformers`` rejects (e.g. an unknown attention implementation) is a one-line
+    :class:`ConfigError` instead of a traceback."""
+    if name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
+        raise ConfigError(f"model directory '{name_or_path}' does not exist")
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load '{name_or_path}': {str(error).strip().splitlines()[0]}") from error
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Left padding for generation; the EOS token doubles as padding where none is set."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -25,7 +40,7 @@ def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
     attention = model_cfg.attn_implementation or default_attention(model_cfg, hardware)
     if attention:
         kwargs["attn_implementation"] = attention
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model = from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
     if hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3:
         use_onednn_linears(model)
     return model

@@ -10,7 +10,7 @@ import functools
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from rlkit.models.loading import load_tokenizer
+from rlkit.models.loading import from_pretrained, load_tokenizer
 
 
 def as_reward_model(causal_lm: PreTrainedModel, pad_token_id: int) -> PreTrainedModel:
@@ -37,7 +37,7 @@ def reward_scores(model, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
 def load_reward_model(path: str):
     """(model, tokenizer) of a saved reward model (local dir or hub id), frozen, on the GPU when there is one."""
     tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = from_pretrained(AutoModelForSequenceClassification, path)
     if model.config.num_labels != 1:
         raise ValueError(f"reward model '{path}' has {model.config.num_labels} labels; a scalar reward model has 1")
     if model.config.pad_token_id is None:

@@ -14,6 +14,7 @@ import datasets
 from rlkit.config import ConfigError
 from rlkit.rewards.math import answer_key, extract_answer
 from rlkit.tasks.base import TASKS, Task
+from rlkit.tasks.sources import read_json
 
 
 @TASKS.register("gsm8k")
@@ -28,7 +29,7 @@ class GSM8KTask(Task):
             file = os.path.join(path, f"{split}.jsonl")
             if not os.path.isfile(file):
                 raise ConfigError(f"task.path='{path}': no {split}.jsonl there (GSM8K wants train.jsonl and test.jsonl)")
-            raw = datasets.load_dataset("json", data_files={split: file}, split=split)
+            raw = read_json(file)
         elif os.path.exists(path) or path.startswith((".", "/")):
             raise ConfigError(f"task.path='{path}' must be a directory with train.jsonl and test.jsonl, or a hub id")
         else:

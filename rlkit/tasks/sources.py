@@ -12,6 +12,16 @@ from rlkit.config import ConfigError
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
 
+def read_json(path: str) -> datasets.Dataset:
+    """The rows of one JSON or JSONL(.gz) file; a malformed file is a one-line :class:`ConfigError`
+    naming it and the parser's complaint."""
+    try:
+        return datasets.load_dataset("json", data_files={"rows": path}, split="rows")
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause = error.__cause__ or error
+        raise ConfigError(f"task.path: cannot read '{path}': {str(cause).strip().splitlines()[0]}") from error
+
+
 def split_file(directory: str, split: str) -> str | None:
     """``<directory>/<split>.jsonl`` (or .jsonl.gz, .json), if there is one."""
     for suffix in JSONL_SUFFIXES:
@@ -40,9 +50,9 @@ def load_split(path: str, split: str, options: SourceOptions) -> datasets.Datase
         file = split_file(path, split)
         if file is None:
             raise ConfigError(f"task.path='{path}': no {split}.jsonl (or .jsonl.gz) there")
-        return datasets.load_dataset("json", data_files={split: file}, split=split)
+        return read_json(file)
     if os.path.isfile(path):
-        return held_out(datasets.load_dataset("json", data_files={"rows": path}, split="rows"), split, test_size, seed)
+        return held_out(read_json(path), split, test_size, seed)
     if path.startswith((".", "/")):
         raise ConfigError(f"task.path='{path}' does not exist")
     if hub_split:
