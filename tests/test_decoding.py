@@ -59,8 +59,8 @@ def test_hand_written_step_in_bfloat16():
         with torch.no_grad():
             cache = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True).past_key_values
             reserve_cache(cache, 1, prompt_ids.shape[1] + 4)
-            step = decoding_step(model, cache, prompt_mask, hand_written)
-            logits[hand_written] = [step(torch.full((len(prompt_ids),), token), positions[:, -1:] + 1 + i).float() for i, token in enumerate([20, 21, 22])]
+            with decoding_step(model, cache, prompt_mask, hand_written) as step:
+                logits[hand_written] = [step(torch.full((len(prompt_ids),), token), positions[:, -1:] + 1 + i).float() for i, token in enumerate([20, 21, 22])]
     for got, expected in zip(logits[True], logits[False]):
         torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
     assert all(torch.isfinite(s[s > float("-inf")]).all() for s in scores)
@@ -74,9 +74,9 @@ def test_other_models_decode_through_their_forward():
     for model, hand_written in ((sliding, False), (llama, True)):
         with torch.no_grad():
             cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-        reserve_cache(cache, 1, ids.shape[1] + 4)
-        step = decoding_step(model, cache, mask)
-        assert (step.__qualname__.split(".")[0] == llama_step.__name__) == hand_written
+            reserve_cache(cache, 1, ids.shape[1] + 4)
+            with decoding_step(model, cache, mask) as step:
+                assert (step.__qualname__.split(".")[0] == llama_step.__name__) == hand_written
 
 
 def test_reserved_cache_is_finite_where_not_yet_written():

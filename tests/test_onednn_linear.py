@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from rlkit.models import load_pretrained
 from rlkit.models.loading import default_attention
-from rlkit.models.onednn_linear import OneDNNLinear, packed_weights, use_onednn_linears
+from rlkit.models.onednn_linear import OneDNNLinear, fused_projection, packed_weights, use_onednn_linears
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import generate
 from rlkit.rollout.logprobs import token_log_probs
@@ -125,3 +125,25 @@ def test_rollouts_and_log_probs_match_torch_linears(tiny):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for expected, actual in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(expected, actual, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_projection_equals_its_layers_side_by_side():
+    """One product for layers sharing an input (q/k/v, gate/up in decoding): plain, through
+    oneDNN with a reordered weight, with a layer lacking a bias, and with a layer of another kind."""
+
+    class Adapter(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Linear(64, 48), nn.Linear(64, 16, bias=False), nn.Linear(64, 32)])
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        expected = torch.cat([layer(x) for layer in layers], -1)
+        torch.testing.assert_close(fused_projection(list(layers), rows=7)(x), expected)
+        use_onednn_linears(layers, min_weight_elements=0)
+        assert all(type(layer) is OneDNNLinear for layer in layers)
+        torch.testing.assert_close(fused_projection(list(layers), rows=7)(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_projection(list(layers), rows=7)(x[:2]), expected[:2], rtol=1e-5, atol=1e-5)
+        adapter = Adapter(64, 8)
+        torch.testing.assert_close(fused_projection([layers[0], adapter], rows=7)(x), torch.cat([layers[0](x), adapter(x)], -1))

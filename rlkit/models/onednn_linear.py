@@ -9,9 +9,11 @@ the decoding steps of one rollout. Results equal ``nn.Linear``'s to float roundi
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # Below about 256 x 256 weights oneDNN's per-call overhead outweighs its faster kernels (measured on
@@ -91,3 +93,20 @@ def packed_weights(model: nn.Module, rows: int):
     finally:
         for layer in layers:
             layer.packed_weight = None
+
+
+def fused_projection(layers: Sequence[nn.Linear], rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> torch.cat([layer(x) for layer in layers], -1), for gradient-free use on about ``rows``
+    rows (decoding): one product with the layers' weights and biases concatenated once (and, for
+    :class:`OneDNNLinear` layers, reordered once for oneDNN). Layers of any other kind (adapters,
+    quantised layers) are called one by one."""
+    if not all(type(layer) in (nn.Linear, OneDNNLinear) for layer in layers):
+        return lambda x: torch.cat([layer(x) for layer in layers], -1)
+    weight = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers])
+    if all(type(layer) is OneDNNLinear for layer in layers):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        return lambda x: onednn_matmul(x, packed, bias)
+    return lambda x: F.linear(x, weight, bias)

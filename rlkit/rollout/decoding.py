@@ -7,13 +7,15 @@ through the ``transformers`` forward. Both give the same logits to float toleran
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from rlkit.engine import is_sharded
+from rlkit.models.onednn_linear import fused_projection, packed_weights
 
 DecodingStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 HAND_WRITTEN_ARCHITECTURES = (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)
@@ -54,15 +56,19 @@ def reserve_cache(cache, repeats: int, capacity: int) -> None:
             layer.batch_repeat_interleave(repeats)
 
 
-def decoding_step(model, cache, prompt_mask: torch.Tensor, hand_written: bool = True) -> DecodingStep:
-    """The step that continues ``cache`` (prefilled with the left-padded prompts of ``prompt_mask``):
-    hand-written for a Llama-family model on CPU whose every cache layer is reserved full
-    attention, unless ``hand_written`` is False; otherwise the model's forward. (GPU decoding
-    keeps the forward: the hand-written step is measured on CPU only.)"""
+@contextmanager
+def decoding_step(model, cache, prompt_mask: torch.Tensor, hand_written: bool = True) -> Iterator[DecodingStep]:
+    """The step that continues ``cache`` (prefilled with the left-padded prompts of ``prompt_mask``),
+    for the duration of the block: hand-written for a Llama-family model on CPU whose every cache
+    layer is reserved full attention, unless ``hand_written`` is False; otherwise the model's
+    forward, with its oneDNN layers' weights reordered once for all steps. (GPU decoding keeps
+    the forward: the hand-written step is measured on CPU only.)"""
     if hand_written and prompt_mask.device.type == "cpu" and type(model) in HAND_WRITTEN_ARCHITECTURES and not is_sharded(model) \
             and all(type(layer) is ReservedLayer for layer in cache.layers):
-        return llama_step(model, cache, prompt_mask)
-    return transformers_step(model, cache, prompt_mask)
+        yield llama_step(model, cache, prompt_mask)
+    else:
+        with packed_weights(model, prompt_mask.shape[0]):
+            yield transformers_step(model, cache, prompt_mask)
 
 
 def transformers_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
@@ -75,47 +81,70 @@ def transformers_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     return step
 
 
+class DecoderLayerProducts(NamedTuple):
+    """One decoder layer's products for decoding: queries, keys and values as one product,
+    the MLP's gate and up projections as another (see :func:`fused_projection`)."""
+
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    out: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: Callable[[torch.Tensor], torch.Tensor]
+    down: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer, rows: int) -> "DecoderLayerProducts":
+        attention, mlp = layer.self_attn, layer.mlp
+        return cls(fused_projection([attention.q_proj, attention.k_proj, attention.v_proj], rows), fused_projection([attention.o_proj], rows),
+                   fused_projection([mlp.gate_proj, mlp.up_proj], rows), fused_projection([mlp.down_proj], rows))
+
+
 def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     """A decoding step of a Llama-family model with none of its forward's per-call
-    bookkeeping (masks, cache dispatch, output objects): the model's own embedding,
-    norms, projections, rotary embedding, MLPs and head, with attention of the one
-    query token computed as two batched matmuls over the whole reserved cache, with the
-    positions not yet written masked. On CPU that attention takes about 60% of the fused
-    SDPA kernel's time in fp32 and 15% in bf16; attending to the written positions only
-    would make the cache a strided view, which bf16 matmuls first copy."""
+    bookkeeping (masks, cache dispatch, output objects): the model's own embedding, norms,
+    rotary embedding (tabulated once for every position) and weights, the projections
+    that share an input computed as one product, and attention of the one query token
+    computed as two batched matmuls over the whole reserved cache, with the positions not
+    yet written masked. On CPU that attention takes about 60% of the fused SDPA kernel's
+    time in fp32 and 15% in bf16; attending to the written positions only would make the
+    cache a strided view, which bf16 matmuls first copy."""
     base, layers = model.model, cache.layers
     rows, kv_heads, capacity, head_dim = layers[0].key_buffer.shape
-    dtype = layers[0].key_buffer.dtype
+    dtype, device = layers[0].key_buffer.dtype, prompt_mask.device
     # additive attention mask over every cache position: the prompts' left padding is never
     # attended, each response position from the step that writes it
-    bias = torch.full((rows, capacity), float("-inf"), dtype=dtype, device=prompt_mask.device)
+    bias = torch.full((rows, capacity), float("-inf"), dtype=dtype, device=device)
     bias[:, :prompt_mask.shape[1]].masked_fill_(prompt_mask == 1, 0.0)
     bias = bias.repeat_interleave(kv_heads, 0)[:, None]  # (rows * kv heads, 1, capacity)
     # rotate_half(x) = roll(x, half) * sign: the rotary embedding without a concatenation
-    sign = torch.ones(head_dim, dtype=dtype, device=prompt_mask.device)
+    sign = torch.ones(head_dim, dtype=dtype, device=device)
     sign[:head_dim // 2] = -1
+    cos_table, sin_table = base.rotary_emb(bias.new_zeros(1, dtype=dtype), torch.arange(capacity + 1, device=device)[None])
+    signed_sin_table = sin_table[0] * sign
+    products = [DecoderLayerProducts.of(layer, rows) for layer in base.layers]
+    head = fused_projection([model.lm_head], rows)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = base.embed_tokens(tokens)
-        cos, sin = base.rotary_emb(hidden, positions)  # (R, 1, head_dim)
-        signed_sin = sin * sign
+        cos, signed_sin = cos_table[0, positions], signed_sin_table[positions]  # (R, 1, head_dim)
         bias[..., layers[0].length] = 0.0
-        for layer, kv in zip(base.layers, layers):
-            hidden = hidden + attend(layer.self_attn, layer.input_layernorm(hidden), kv, cos, signed_sin, bias)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return model.lm_head(base.norm(hidden))
+        for layer, layer_products, kv in zip(base.layers, products, layers):
+            hidden = hidden + attend(layer.self_attn, layer_products, layer.input_layernorm(hidden), kv, cos, signed_sin, bias)
+            gate, up = layer_products.gate_up(layer.post_attention_layernorm(hidden)).chunk(2, -1)
+            hidden = hidden + layer_products.down(layer.mlp.act_fn(gate) * up)
+        return head(base.norm(hidden))
     return step
 
 
-def attend(attention, hidden: torch.Tensor, kv: ReservedLayer, cos: torch.Tensor, signed_sin: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def attend(attention, products: DecoderLayerProducts, hidden: torch.Tensor, kv: ReservedLayer, cos: torch.Tensor, signed_sin: torch.Tensor,
+           bias: torch.Tensor) -> torch.Tensor:
     """Self-attention of one new token per row (hidden: (R, d)); appends its keys and values to ``kv``."""
     rows, kv_heads, capacity, head_dim = kv.key_buffer.shape
-    rotate = lambda x: torch.addcmul(x * cos, x.roll(head_dim // 2, -1), signed_sin)  # noqa: E731
-    queries = rotate(attention.q_proj(hidden).view(rows, -1, head_dim))
-    keys = rotate(attention.k_proj(hidden).view(rows, kv_heads, head_dim))
-    kv.update(keys[:, :, None], attention.v_proj(hidden).view(rows, kv_heads, 1, head_dim))
+    qkv = products.qkv(hidden).view(rows, -1, head_dim)  # query heads, then key heads, then value heads
+    query_heads = qkv.shape[1] - 2 * kv_heads
+    rotated = torch.addcmul(qkv[:, :-kv_heads] * cos, qkv[:, :-kv_heads].roll(head_dim // 2, -1), signed_sin)  # queries and keys at once
+    kv.update(rotated[:, query_heads:, None], qkv[:, -kv_heads:, None])
     keys, values = (buffer.view(rows * kv_heads, capacity, head_dim) for buffer in (kv.key_buffer, kv.value_buffer))
     # the query heads that share a key head (grouped-query attention) form one batch entry
-    scores = torch.baddbmm(bias, queries.view(rows * kv_heads, -1, head_dim), keys.transpose(1, 2), alpha=attention.scaling)
+    queries = rotated[:, :query_heads].reshape(rows * kv_heads, -1, head_dim)
+    scores = torch.baddbmm(bias, queries, keys.transpose(1, 2), alpha=attention.scaling)
     weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
-    return attention.o_proj(torch.bmm(weights, values).view(rows, -1))
+    return products.out(torch.bmm(weights, values).view(rows, -1))

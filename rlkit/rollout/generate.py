@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 
 from rlkit.engine import all_reduce_sum, is_sharded
-from rlkit.models.onednn_linear import packed_weights
 from rlkit.rollout.decoding import decoding_step, reserve_cache
 from rlkit.rollout.logprobs import position_ids_from_mask
 
@@ -126,21 +125,20 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     if not share_prompt:
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     positions = position_ids_from_mask(prompt_mask)
-    with packed_weights(model, len(cap)):  # oneDNN layers (never sharded ones): weights reordered once for all steps
-        output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache, logits = output.past_key_values, output.logits[:, -1]
-        repeat = share_prompt and num_samples > 1
-        reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
-        if repeat:
-            logits = logits.repeat_interleave(num_samples, 0)
-            prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
-            positions = positions.repeat_interleave(num_samples, 0)
-        rows = prompt_ids.shape[0]
-        next_position = positions[:, -1:] + 1
-        step = decoding_step(model, cache, prompt_mask, hand_written_step)
-        tokens: list[torch.Tensor] = []
-        finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
-        done = False
+    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache, logits = output.past_key_values, output.logits[:, -1]
+    repeat = share_prompt and num_samples > 1
+    reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
+    if repeat:
+        logits = logits.repeat_interleave(num_samples, 0)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        positions = positions.repeat_interleave(num_samples, 0)
+    rows = prompt_ids.shape[0]
+    next_position = positions[:, -1:] + 1
+    tokens: list[torch.Tensor] = []
+    finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
+    done = False
+    with decoding_step(model, cache, prompt_mask, hand_written_step) as step:
         while True:
             if not done:
                 scores = logits.float()
