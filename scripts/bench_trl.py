@@ -377,7 +377,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"Update FLOPs of all {ROWS} rows: {fl['total'] / 1e9:.3f} G with one prompt pass per group (matmul {fl['matmul'] / 1e9:.3f}, "
                   f"lm_head {fl['lm_head'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}); {r['update_flops_full_rows']['total'] / 1e9:.3f} G if every row "
                   "recomputes its prompt (TRL). rlkit's per step: those of the rows it trains (responses with all-zero advantages are skipped). "
-                  "Matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r["matmul"].items()) + ".", "",
+                  "Matmul peak (median of one measurement before each repeat): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r["matmul"].items()) + ".", "",
                   "| system | update s (forward / backward / optimizer) | rows trained | GFLOP/s computed | fraction of peak |", "|---|---|---|---|---|"]
         for n, x in s.items():
             if "update_flops_per_s" in x:
@@ -429,11 +429,16 @@ def main() -> None:
         work = make_work_dir(size, os.path.join(a.out, "work"))
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
         m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]
-        matmul = {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in ("torch", "onednn")
-                  for shape, dims in ((f"{m}x{d}x{ff}", (m, d, ff)), ("1024^3", (1024, 1024, 1024)))}
+        measure = lambda: {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in ("torch", "onednn")  # noqa: E731
+                           for shape, dims in ((f"{m}x{d}x{ff}", (m, d, ff)), ("1024^3", (1024, 1024, 1024)))}
+        runs, measured = [], []
+        for repeat in range(a.repeats):  # the matmul peak is measured before every repeat, as noisy as the steps around it
+            measured.append(measure())
+            runs += [run_one(a, system, size, repeat, work, env) for system in a.systems.split(",")]
+        matmul = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
         peak = max(v for k, v in matmul.items() if k.startswith(TORCH_DTYPES[a.dtype]))
-        runs = [run_one(a, system, size, repeat, work, env) for repeat in range(a.repeats) for system in a.systems.split(",")]
         report["sizes"][size] = {"arch": work["arch"], "params": work["params"], "update_flops": update_flops(work["arch"]), "matmul": matmul,
+                                 "matmul_per_repeat": measured,
                                  "update_flops_full_rows": update_flops(work["arch"], share_prompts=False),
                                  "summary": summarize(runs, work["arch"], peak), "runs": runs}
         with open(os.path.join(a.out, "bench.json"), "w") as f:
