@@ -170,10 +170,13 @@ def test_sliding_window_models_keep_their_own_cache_and_decode_like_generate(tin
 
 
 FAULTS_PER_ROUND = """
-import resource, sys, torch
-from rlkit.engine.cpu_heap import keep_freed_memory
+import ctypes, resource, sys, torch
+from rlkit.engine import cpu_heap
 if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+    assert cpu_heap.keep_freed_memory()
+else:  # glibc's initial 128 KiB thresholds, fixed (left alone, glibc adapts them to past frees, so it varies run to run)
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(cpu_heap.M_MMAP_THRESHOLD, 128 * 1024) and libc.mallopt(cpu_heap.M_TRIM_THRESHOLD, 128 * 1024)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 rounds = []
@@ -183,7 +186,7 @@ for _ in range(6):  # like a training step: several 12 MiB activations alive at 
     outputs = [x * 2 for x in inputs]
     del inputs, outputs
     rounds.append(faults() - before)
-print(max(rounds[2:]))
+print(int(sorted(rounds[1:])[2]))  # the median round after the first
 """
 
 
@@ -193,5 +196,5 @@ def test_kept_heap_memory_is_not_faulted_in_again_at_every_step():
         return int(subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], capture_output=True, text=True, check=True).stdout)
 
     pages = 12 * 3 * 2**20 * 4 // 4096
-    assert faults_per_round("default") > pages // 2  # glibc hands the memory back and faults it in at every round
+    assert faults_per_round("return") > pages // 2  # glibc hands the memory back and faults it in at every round
     assert faults_per_round("keep") < pages // 20
