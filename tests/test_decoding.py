@@ -13,6 +13,9 @@ SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_lay
 MODELS = {
     "llama, grouped-query attention, scaled rotary": lambda: LlamaForCausalLM(LlamaConfig(
         **SHAPE, num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    # decoding runs past the original 10 positions, so the frequencies change along the way
+    "llama, dynamic rotary": lambda: LlamaForCausalLM(LlamaConfig(
+        **{**SHAPE, "max_position_embeddings": 10}, num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
     "llama, multi-head, attention bias": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, num_key_value_heads=4, attention_bias=True)),
     "qwen2 (projection biases), one key head": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_key_value_heads=1)),
     "mistral without sliding window": lambda: MistralForCausalLM(MistralConfig(**SHAPE, num_key_value_heads=2, sliding_window=None)),

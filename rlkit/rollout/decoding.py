@@ -100,7 +100,7 @@ class DecoderLayerProducts(NamedTuple):
 def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     """A decoding step of a Llama-family model with none of its forward's per-call
     bookkeeping (masks, cache dispatch, output objects): the model's own embedding, norms,
-    rotary embedding (tabulated once for every position) and weights, the projections
+    rotary embedding (see :func:`rotary_lookup`) and weights, the projections
     that share an input computed as one product, and attention of the one query token
     computed as two batched matmuls over the whole reserved cache, with the positions not
     yet written masked. On CPU that attention takes about 60% of the fused SDPA kernel's
@@ -114,17 +114,13 @@ def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     bias = torch.full((rows, capacity), float("-inf"), dtype=dtype, device=device)
     bias[:, :prompt_mask.shape[1]].masked_fill_(prompt_mask == 1, 0.0)
     bias = bias.repeat_interleave(kv_heads, 0)[:, None]  # (rows * kv heads, 1, capacity)
-    # rotate_half(x) = roll(x, half) * sign: the rotary embedding without a concatenation
-    sign = torch.ones(head_dim, dtype=dtype, device=device)
-    sign[:head_dim // 2] = -1
-    cos_table, sin_table = base.rotary_emb(bias.new_zeros(1, dtype=dtype), torch.arange(capacity + 1, device=device)[None])
-    signed_sin_table = sin_table[0] * sign
+    rotary = rotary_lookup(base.rotary_emb, head_dim, capacity, dtype, device)
     products = [DecoderLayerProducts.of(layer, rows) for layer in base.layers]
     head = fused_projection([model.lm_head], rows)
 
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = base.embed_tokens(tokens)
-        cos, signed_sin = cos_table[0, positions], signed_sin_table[positions]  # (R, 1, head_dim)
+        cos, signed_sin = rotary(positions)
         bias[..., layers[0].length] = 0.0
         for layer, layer_products, kv in zip(base.layers, products, layers):
             hidden = hidden + attend(layer.self_attn, layer_products, layer.input_layernorm(hidden), kv, cos, signed_sin, bias)
@@ -132,6 +128,24 @@ def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
             hidden = hidden + layer_products.down(layer.mlp.act_fn(gate) * up)
         return head(base.norm(hidden))
     return step
+
+
+def rotary_lookup(rotary_emb, head_dim: int, capacity: int, dtype: torch.dtype, device) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """positions (R, 1) -> (cos, sin * sign), each (R, 1, head_dim): rotate_half(x) * sin is then
+    roll(x, half) * sin * sign, the rotary embedding without a concatenation. Fixed frequencies are
+    tabulated once for every cache position; "dynamic" and "longrope" ones change with the longest
+    position seen, so they are computed at each step, as the model's forward does."""
+    sign = torch.ones(head_dim, dtype=dtype, device=device)
+    sign[:head_dim // 2] = -1
+    like = torch.zeros(1, dtype=dtype, device=device)  # the embedding takes only its dtype and device from this
+    if "dynamic" in rotary_emb.rope_type or rotary_emb.rope_type == "longrope":
+        def per_step(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = rotary_emb(like, positions)
+            return cos, sin * sign
+        return per_step
+    cos, sin = rotary_emb(like, torch.arange(capacity + 1, device=device)[None])
+    cos, signed_sin = cos[0], sin[0] * sign
+    return lambda positions: (cos[positions], signed_sin[positions])
 
 
 def attend(attention, products: DecoderLayerProducts, hidden: torch.Tensor, kv: ReservedLayer, cos: torch.Tensor, signed_sin: torch.Tensor,
