@@ -204,6 +204,7 @@ class HardwareConfig:
     cpu_matmul: str = "onednn"  # CPU linear layers: onednn (faster GEMMs; weights reordered once per rollout) | torch (its BLAS)
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
+    fused_optimizer: bool = False  # PyTorch's fused AdamW kernel: ~6x faster optimizer step on CPU, but same-seed runs are then not bit-identical
     deepspeed: dict[str, Any] = field(default_factory=dict)  # any DeepSpeed config keys, merged last
     num_procs: int = 1  # data-parallel processes on this machine: >1 re-launches `rlkit train` under torch.distributed.run (unless a launcher already set WORLD_SIZE)
 

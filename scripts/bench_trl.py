@@ -217,7 +217,7 @@ def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
         f"algo.sampling.min_new_tokens={NEW_TOKENS}",
         f"trainer.max_steps={a.warmup + a.steps}", f"trainer.prompts_per_step_global={PROMPTS}", f"trainer.micro_batch_per_device={ROWS}",
         "trainer.eval_every=0", "trainer.save_every=0", "eval.num_examples=1", "eval.pass_k=0", "logger.mode=disabled",
-        "logger.progress_bar=false", f"hardware.dtype={TORCH_DTYPES[a.dtype]}", f"seed={SEED}", "resume=never", "run_name=bench",
+        "logger.progress_bar=false", f"hardware.dtype={TORCH_DTYPES[a.dtype]}", "hardware.fused_optimizer=true", f"seed={SEED}", "resume=never", "run_name=bench",
         f"hydra.run.dir={run_dir}", *extra,
     ]
     return [sys.executable, "-m", "rlkit.cli", "train", *overrides]
@@ -244,7 +244,7 @@ def rlkit_checks(run_dir: str) -> dict:
     keys = ("lr", "adam_betas", "weight_decay", "max_grad_norm", "lr_schedule", "update_epochs", "minibatches", "group_size", "loss_agg")
     return {**{k: algo[k] for k in keys}, "kl_coef": algo["kl"]["coef"], "sampling": algo["sampling"], "dtype": cfg["model"]["dtype"],
             "warmstart_steps": cfg["model"]["warmstart"]["steps"], "warmstart_ran": os.path.isdir(os.path.join(run_dir, "warmstart")),
-            "gradient_checkpointing": cfg["model"]["gradient_checkpointing"]}
+            "gradient_checkpointing": cfg["model"]["gradient_checkpointing"], "fused_optimizer": cfg["hardware"]["fused_optimizer"]}
 
 
 def run_subprocess(cmd: list[str], log_path: str, env: dict) -> tuple[int, float, float]:
