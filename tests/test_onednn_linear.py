@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from rlkit.models import load_pretrained
 from rlkit.models.loading import default_attention
-from rlkit.models.onednn_linear import OneDNNLinear, fused_projection, packed_weights, use_onednn_linears
+from rlkit.models import onednn_linear
+from rlkit.models.onednn_linear import OneDNNLinear, fused_projection, onednn_dtypes, packed_weights, use_onednn_linears
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import generate
 from rlkit.rollout.logprobs import token_log_probs
@@ -30,6 +31,8 @@ def tiny():
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_values_and_gradients_match_nn_linear(dtype, tolerance, bias):
+    if dtype not in onednn_dtypes():
+        pytest.skip("this CPU has no native bf16: oneDNN's bf16 linear is unavailable (test_bf16_layers_stay_on_torch_without_native_bf16)")
     torch.manual_seed(0)
     reference = nn.Linear(48, 24, bias=bias, dtype=dtype)
     layer = copy.deepcopy(reference)
@@ -75,6 +78,16 @@ def test_checkpoints_keep_their_format_and_load_with_plain_transformers(tiny, tm
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_layers_stay_on_torch_without_native_bf16(monkeypatch):
+    """Where the CPU lacks bf16 instructions oneDNN cannot build a bf16 linear: such layers keep
+    torch's matmul (and train), float32 layers still convert."""
+    monkeypatch.setattr(onednn_linear, "onednn_dtypes", lambda: (torch.float32,))
+    model = nn.Sequential(nn.Linear(256, 256, dtype=torch.bfloat16), nn.Linear(256, 256))
+    assert use_onednn_linears(model) == 1 and type(model[0]) is nn.Linear and type(model[1]) is OneDNNLinear
+    model[0](torch.randn(4, 256, dtype=torch.bfloat16)).sum().backward()
+    assert model[0].weight.grad is not None
+
+
 def test_small_layers_stay_on_torch():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(256, 256), nn.Linear(512, 128))
     assert use_onednn_linears(model) == 2
@@ -90,6 +103,24 @@ def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp
     assert has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware()))
     assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(cpu_matmul="torch")))
     assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(zero_stage=3)))  # DeepSpeed owns sharded layers
+
+
+@pytest.mark.parametrize("without_native_bf16", [False, True], ids=["this CPU", "a CPU without bf16 instructions"])
+def test_bf16_training_on_cpu_uses_onednn_only_where_it_computes_bf16(tiny, tmp_path, monkeypatch, without_native_bf16):
+    """DeepSpeed's bf16 mode casts the model to ``hardware.dtype``: its layers go to oneDNN only
+    where oneDNN computes bf16 on this CPU (elsewhere the first product failed), and train either way."""
+    monkeypatch.setattr("rlkit.models.onednn_linear.MIN_WEIGHT_ELEMENTS", 0)
+    if without_native_bf16:
+        for name in ("rlkit.models.loading.onednn_dtypes", "rlkit.models.onednn_linear.onednn_dtypes"):
+            monkeypatch.setattr(name, lambda: (torch.float32,))
+    tiny[0].save_pretrained(tmp_path)
+    model = load_pretrained(str(tmp_path), SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None),
+                            SimpleNamespace(device="cpu", cpu_matmul="onednn", zero_stage=0, dtype="bfloat16"))
+    native = torch.bfloat16 in onednn_dtypes() and not without_native_bf16
+    assert any(isinstance(m, OneDNNLinear) for m in model.modules()) == native
+    model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine does
+    model(torch.tensor([[5, 6, 7, 8]])).logits.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_bf16_on_cpu_loads_matmul_attention_unless_told_otherwise(tiny, tmp_path):

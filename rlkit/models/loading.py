@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rlkit.config import ConfigError
-from rlkit.models.onednn_linear import use_onednn_linears
+from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,13 +35,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
     """The causal LM; on a CPU ``hardware`` (a HardwareConfig) its linear layers use
-    oneDNN unless ``hardware.cpu_matmul=torch`` or ZeRO-3 shards them."""
+    oneDNN unless ``hardware.cpu_matmul=torch``, ZeRO-3 shards them, or the CPU cannot compute
+    the training precision (``hardware.dtype``, to which DeepSpeed casts the model) through oneDNN."""
     kwargs = {"dtype": DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     attention = model_cfg.attn_implementation or default_attention(model_cfg, hardware)
     if attention:
         kwargs["attn_implementation"] = attention
     model = from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
-    if hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3:
+    if hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3 and DTYPES[hardware.dtype] in onednn_dtypes():
         use_onednn_linears(model)
     return model
 

@@ -15,10 +15,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # Below about 256 x 256 weights oneDNN's per-call overhead outweighs its faster kernels (measured on
 # 2 cores: a 64 x 64 layer takes 2x as long, a 512 x 512 one 13-26% less), so such layers stay on torch.
 MIN_WEIGHT_ELEMENTS = 1 << 16
+
+
+def onednn_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes this CPU's oneDNN linear computes: float32, and bfloat16 only with native bf16
+    instructions (AVX-512 BF16, AMX). Without them oneDNN has no bf16 kernel for the op and fails
+    (seen on an AVX2-only CPU), where torch's own bf16 matmul still works."""
+    return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,15 +69,15 @@ class OneDNNLinear(nn.Linear):
 
 
 def use_onednn_linears(model: nn.Module, min_weight_elements: int | None = None) -> int:
-    """Make every plain float32/bfloat16 ``nn.Linear`` of a CPU ``model`` with at least
+    """Make every plain ``nn.Linear`` of a CPU ``model`` in a dtype of :func:`onednn_dtypes` with at least
     ``min_weight_elements`` weights (default :data:`MIN_WEIGHT_ELEMENTS`) a :class:`OneDNNLinear`,
     in place; subclasses such as adapters are left alone. Returns how many were converted."""
     if not torch.backends.mkldnn.is_available():
         return 0
     smallest = MIN_WEIGHT_ELEMENTS if min_weight_elements is None else min_weight_elements
-    converted = 0
+    dtypes, converted = onednn_dtypes(), 0
     for module in model.modules():
-        if (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in ONEDNN_DTYPES
+        if (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in dtypes
                 and module.weight.numel() >= smallest):
             module.__class__ = OneDNNLinear
             converted += 1
