@@ -1,10 +1,14 @@
 """The hand-written Llama-family decoding step gives the logits of the model's own forward."""
 from __future__ import annotations
 
+import inspect
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from rlkit.models.kv_cache import cache_argument, output_cache
 from rlkit.rollout.decoding import decoding_step, llama_step, reserve_cache
 from rlkit.rollout.generate import left_pad, sample
 
@@ -60,7 +64,7 @@ def test_hand_written_step_in_bfloat16():
     logits = {}
     for hand_written in (True, False):
         with torch.no_grad():
-            cache = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True))
             reserve_cache(cache, 1, prompt_ids.shape[1] + 4)
             with decoding_step(model, cache, prompt_mask, hand_written) as step:
                 logits[hand_written] = [step(torch.full((len(prompt_ids),), token), positions[:, -1:] + 1 + i).float() for i, token in enumerate([20, 21, 22])]
@@ -76,7 +80,7 @@ def test_other_models_decode_through_their_forward():
     llama = MODELS["llama, multi-head, attention bias"]().eval()
     for model, hand_written in ((sliding, False), (llama, True)):
         with torch.no_grad():
-            cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
             reserve_cache(cache, 1, ids.shape[1] + 4)
             with decoding_step(model, cache, mask) as step:
                 assert (step.__qualname__.split(".")[0] == llama_step.__name__) == hand_written
@@ -87,8 +91,24 @@ def test_reserved_cache_is_finite_where_not_yet_written():
     ids, mask = left_pad(PROMPTS, pad_token_id=0)
     model = MODELS["llama, multi-head, attention bias"]().eval()
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
     reserve_cache(cache, 3, ids.shape[1] + 6)
     for layer in cache.layers:
         assert layer.key_buffer.shape[0] == 3 * len(PROMPTS) and layer.length == ids.shape[1]
         assert not layer.key_buffer[:, :, layer.length:].any() and not layer.value_buffer[:, :, layer.length:].any()
+
+
+def test_the_cache_goes_in_and_out_under_the_name_the_forward_declares():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+    class OldForward:
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+
+    class NewForward:
+        def forward(self, input_ids=None, cache=None, use_cache=None): ...
+
+    assert cache_argument(OldForward(), "kv") == {"past_key_values": "kv"}
+    assert cache_argument(NewForward(), "kv") == {"cache": "kv"}
+    assert cache_argument(SimpleNamespace(module=NewForward()), "kv") == {"cache": "kv"}  # inside a DeepSpeed engine
+    assert output_cache({"logits": 0, "cache": "kv"}) == output_cache({"logits": 0, "past_key_values": "kv"}) == "kv"
+    model = MODELS["llama, multi-head, attention bias"]()
+    assert set(cache_argument(model, None)) <= set(inspect.signature(type(model).forward).parameters)  # the installed transformers' name

@@ -40,6 +40,7 @@ from rlkit.algos.token_masks import masked_log_probs, top_p_mask
 from rlkit.engine import is_main_process, mean_over_ranks
 from rlkit.loops.policy_gradient import PolicyGradientLoop
 from rlkit.loops.registry import LOOPS
+from rlkit.models.kv_cache import cache_argument, output_cache
 from rlkit.rollout.logprobs import position_ids_from_mask, response_logits
 from rlkit.run import load_frozen
 
@@ -129,13 +130,13 @@ class MaskPolicyProcessor:
         if self.cache is not None and ids.shape[1] == self.width + 1 and ids.shape[0] == self.attention.shape[0]:
             self.attention = torch.cat([self.attention, self.attention.new_ones(len(ids), 1)], dim=1)
             output = self.model(input_ids=ids[:, -1:], attention_mask=self.attention, position_ids=self.attention.sum(-1, keepdim=True) - 1,
-                                past_key_values=self.cache, use_cache=True)
+                                use_cache=True, **cache_argument(self.model, self.cache))
         else:  # first step: ids are the left-padded prompts
             self.prompt_width = ids.shape[1] if self.prompt_width is None else self.prompt_width
             self.attention = left_padding_mask(ids, self.pad_token_id)
             output = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position_ids_from_mask(self.attention),
                                 use_cache=True, logits_to_keep=1)
-        self.cache, self.width = output.past_key_values, ids.shape[1]
+        self.cache, self.width = output_cache(output), ids.shape[1]
         eos_banned = ids.shape[1] - self.prompt_width < self.min_new_tokens
         allowed = mask_policy_set(output.logits[:, -1].float(), self.nlpo, self.temperature, self.eos_token_id, eos_banned)
         self.record(ids, scores, allowed)

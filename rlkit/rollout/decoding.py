@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
 from rlkit.engine import is_sharded
+from rlkit.models.kv_cache import cache_argument
 from rlkit.models.onednn_linear import fused_projection, packed_weights
 
 DecodingStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +78,8 @@ def transformers_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         nonlocal mask
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
+                     **cache_argument(model, cache)).logits[:, -1]
     return step
 
 

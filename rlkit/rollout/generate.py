@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from rlkit.engine import all_reduce_sum, is_sharded
+from rlkit.models.kv_cache import output_cache
 from rlkit.rollout.decoding import decoding_step, reserve_cache
 from rlkit.rollout.logprobs import position_ids_from_mask
 
@@ -126,7 +127,7 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
         prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
     positions = position_ids_from_mask(prompt_mask)
     output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, logits = output.past_key_values, output.logits[:, -1]
+    cache, logits = output_cache(output), output.logits[:, -1]
     repeat = share_prompt and num_samples > 1
     reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
     if repeat:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from rlkit.engine import all_reduce_sum, is_sharded
+from rlkit.models.kv_cache import cache_argument, output_cache
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -36,10 +37,10 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
     prompt_ids, prompt_mask = distinct[:, :prompt_width], distinct[:, prompt_width:]
     prefix = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                    use_cache=True, logits_to_keep=1)
-    cache = prefix.past_key_values
+    cache = output_cache(prefix)
     cache.batch_select_indices(row_prompt)
     rest = model(input_ids=sequences[:, prompt_width:-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, prompt_width:-1],
-                 past_key_values=cache, use_cache=True).logits
+                 use_cache=True, **cache_argument(model, cache)).logits
     return torch.cat([prefix.logits[row_prompt], rest], dim=1)
 
 
