@@ -281,6 +281,17 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
     return {"system": system, "repeat": repeat, "peak_rss_mib": rss, "wall_s": wall, "checks": checks, "steps": steps}
 
 
+def cpu_description() -> str:
+    """Model name, vector instruction set and core count: results differ between CPU kinds (an
+    AVX-512 machine ran fp32 products 1.6x as fast as an AVX2 one, and only it has native bf16)."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None) \
+        if os.path.exists("/proc/cpuinfo") else None
+    bf16 = ", native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ""
+    return f"{model or platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}{bf16}) x{os.cpu_count()}"
+
+
 def matmul_flops_per_s(m: int, k: int, n: int, dtype: str, backend: str) -> float:
     """FLOP/s of an (m x k) @ (k x n) matmul through ``backend`` (``torch``: ``x @ y``, its BLAS;
     ``onednn``: oneDNN's linear, as rlkit's CPU layers use it): the median of ~1 s of timed blocks."""
@@ -423,7 +434,7 @@ def main() -> None:
                   "prompts": PROMPTS, "group": GROUP, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "lr": LR, "betas": BETAS,
                   "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM},
               "env": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version(),
-                      "cpu": f"{platform.processor() or platform.machine()} x{os.cpu_count()}", "threads": torch.get_num_threads(), "rlkit_git": git.stdout.strip()},
+                      "cpu": cpu_description(), "threads": torch.get_num_threads(), "rlkit_git": git.stdout.strip()},
               "sizes": {}}
     for size in a.sizes.split(","):
         work = make_work_dir(size, os.path.join(a.out, "work"))

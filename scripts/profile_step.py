@@ -6,11 +6,13 @@ benchmark's job (8 prompts x 8 samples, 25 prompt + 32 new tokens; see scripts/b
 
 Profiles (1) the rollout, ``rlkit.rollout.generate.sample`` (one prefill per prompt, then decoding on
 the shared KV cache), and (2) the update's forward + backward, ``token_log_probs`` with one prompt pass
-per group, each after a warm-up call, and writes the operators that take the most time per phase.
+per group, each after a warm-up call, and writes the operators that take the most time per phase,
+then the update's products' achieved FLOP/s against the matmul peak measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -20,7 +22,36 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_trl import GROUP, NEW_TOKENS, PROMPTS, SIZES, make_work_dir, read_jsonl  # noqa: E402
+from bench_trl import GROUP, NEW_TOKENS, PROMPT_LEN, PROMPTS, SIZES, cpu_description, make_work_dir, matmul_flops_per_s, read_jsonl  # noqa: E402
+
+PEAK_SHAPES = ("job", "1024^3")  # as scripts/bench_trl.py measures the peak: the update's largest product and a square one
+
+
+# the operators that compute the linear layers' products (oneDNN's, or torch's BLAS: with and without bias)
+PRODUCT_OPERATORS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
+
+
+def product_flops(event) -> int:
+    """FLOPs of one product call from its recorded input shapes: (..., K) x (N, K) for oneDNN's
+    linear (N, its weight's first dimension, is the output width either way round), (M, K) x (K, N) for mm."""
+    shapes = event.input_shapes
+    if event.name == "aten::addmm":
+        shapes = shapes[1:]
+    first, second = shapes[0], shapes[1]
+    rows = math.prod(first[:-1])
+    return 2 * rows * first[-1] * (second[0] if event.name == "mkldnn::_linear_pointwise" else second[1])
+
+
+def products_summary(prof, peak: float) -> str:
+    """The products' achieved FLOP/s in place (in the phase, between its other operators), against
+    ``peak``: the ceiling of an update made of them, whatever the rest of the phase costs."""
+    events = [e for e in prof.events() if e.name in PRODUCT_OPERATORS]
+    flops = sum(product_flops(e) for e in events)
+    seconds = sum(e.self_cpu_time_total for e in events) / 1e6
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
+    return (f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = {flops / seconds / 1e9:.1f} GFLOP/s, "
+            f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(PEAK_SHAPES)} through "
+            f"torch and oneDNN); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%}).")
 
 
 def top_operators(prof, rows: int) -> list[tuple[str, float, float, int]]:
@@ -30,15 +61,15 @@ def top_operators(prof, rows: int) -> list[tuple[str, float, float, int]]:
     return [(e.key, e.self_cpu_time_total / 1e6, e.self_cpu_time_total / total, e.count) for e in events[:rows]]
 
 
-def profiled(fn, rows: int) -> tuple[float, list]:
-    """Wall seconds of ``fn()`` (after one warm-up call), and its top operators under the profiler."""
+def profiled(fn) -> tuple[float, object]:
+    """Wall seconds of ``fn()`` (after one warm-up call), and the profile of another call."""
     fn()
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return seconds, top_operators(prof, rows)
+    return seconds, prof
 
 
 def main() -> None:
@@ -76,13 +107,17 @@ def main() -> None:
         log_probs.sum().backward()
         model.zero_grad()
 
-    phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings), args.rows),
-              "update (forward + backward)": profiled(update, args.rows)}
+    phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
+              "update (forward + backward)": profiled(update)}
+    dims = {"job": (PROMPTS * GROUP * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]), "1024^3": (1024,) * 3}
+    peak = max(matmul_flops_per_s(*dims[shape], dtype, backend) for shape in PEAK_SHAPES for backend in ("torch", "onednn"))
     lines = [f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
-             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}", ""]
-    for phase, (seconds, operators) in phases.items():
+             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
+             f"{cpu_description()}", ""]
+    for phase, (seconds, prof) in phases.items():
         lines += [f"## {phase}: {seconds:.3f} s", "", "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
-        lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in operators] + [""]
+        lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in top_operators(prof, args.rows)] + [""]
+    lines += [products_summary(phases["update (forward + backward)"][1], peak), ""]
     text = "\n".join(lines)
     if args.out:
         with open(args.out, "w") as f:
