@@ -409,6 +409,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every process (default: torch's)")
     p.add_argument("--out", default="/tmp/rlkit_bench")
+    p.add_argument("--work", default="/tmp/rlkit_bench_work", help="where the seeded models and prompts are saved (rebuilt identically every run)")
     p.add_argument("--worker", choices=("trl", "generate"), help=argparse.SUPPRESS)
     for flag in ("--model-dir", "--prompts", "--run-dir", "--result"):
         p.add_argument(flag, help=argparse.SUPPRESS)
@@ -437,7 +438,7 @@ def main() -> None:
                       "cpu": cpu_description(), "threads": torch.get_num_threads(), "rlkit_git": git.stdout.strip()},
               "sizes": {}}
     for size in a.sizes.split(","):
-        work = make_work_dir(size, os.path.join(a.out, "work"))
+        work = make_work_dir(size, a.work)
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
         m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]
         measure = lambda: {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in ("torch", "onednn")  # noqa: E731
