@@ -264,6 +264,15 @@ def tokenizer():
     return train_tokenizer(["12+34=46\n#### 46", "What is 7*8?", "Be brief."], vocab_size=300)
 
 
+def test_tiny_tokenizer_gives_ids_and_mask_only_after_a_reload(tokenizer, tmp_path):
+    """A checkpoint's tokenizer output feeds ``model.generate(**inputs)`` as is: no token_type_ids,
+    which transformers 4.x's generate rejects."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    assert set(AutoTokenizer.from_pretrained(tmp_path)(["12+34="], return_tensors="pt")) == {"input_ids", "attention_mask"}
+
+
 def test_format_prompt_without_chat_template(tokenizer):
     assert tokenizer.chat_template is None
     row = {"question": "12+34", "answer": "46", "solution": "12+34=46\n#### 46"}

@@ -26,7 +26,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", **SPECIAL_TOKENS)
+    # ids and mask only, as causal-LM tokenizers do: transformers 4.x's generate() rejects token_type_ids
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", model_input_names=["input_ids", "attention_mask"],
+                                   **SPECIAL_TOKENS)
 
 
 def build_tiny_model(arch, corpus: Iterable[str], seed: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
