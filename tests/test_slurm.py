@@ -64,7 +64,8 @@ def test_submitit_multirun_runs_one_job_per_run(slurm_cluster, tmp_path: Path):
         assert [e["step"] for e in read_json(run / "report.json")["evaluations"]] == [0, 2]
     tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name and not p.name.startswith("."))
     assert len(tasks) == 2 and len({t.split("_")[0] for t in tasks}) == 1, tasks  # one job array, one task per run
-    assert [job_state(task) for task in tasks] == ["COMPLETED", "COMPLETED"]
+    # submitit has the results once a job's function returns; SLURM may still show the job RUNNING while it exits
+    wait_for(lambda: [job_state(task) for task in tasks] == ["COMPLETED", "COMPLETED"], 60, "both array tasks COMPLETED in SLURM")
 
 
 # 2 processes (ZeRO-2) per job through the sbatch template; each step waits 0.4 s in the reward.
