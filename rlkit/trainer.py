@@ -2,9 +2,11 @@
 logging, periodic evaluation and atomic checkpoints; resumable at any checkpoint."""
 from __future__ import annotations
 
+import logging
 import os
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 from rlkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
@@ -15,6 +17,7 @@ from rlkit.logger import PhaseTimer, RunLogger
 from rlkit.loops import LOOPS
 from rlkit.loops.sft import SFTLoop
 from rlkit.metrics import peak_memory
+from rlkit.models.onednn_linear import onednn_dtypes
 from rlkit.preemption import Preempted, PreemptionWatch
 from rlkit.report import Report, truncate_metrics
 from rlkit.run import (
@@ -23,6 +26,7 @@ from rlkit.run import (
 )
 
 PROGRESS_KEYS = ("reward/mean", "sft/loss", "actor/kl", "time/step")
+log = logging.getLogger(__name__)
 
 
 def train(cfg, run_dir: str) -> Report:
@@ -31,6 +35,7 @@ def train(cfg, run_dir: str) -> Report:
     init_distributed(cfg.hardware.device)
     if cfg.hardware.device == "cpu":
         keep_freed_memory()
+        warn_about_cpu_precision(cfg.hardware.dtype)
     seed_everything(cfg.seed)
     run = build_run(cfg, run_dir)
     checkpoint = resume_checkpoint(cfg, run_dir)
@@ -61,6 +66,14 @@ def train(cfg, run_dir: str) -> Report:
         print(f"held-out accuracy {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}); "
               f"report: {os.path.join(run_dir, 'report.md')}")
     return report
+
+
+def warn_about_cpu_precision(dtype: str) -> None:
+    """bf16 on a CPU without bf16 instructions (no AVX-512 BF16 or AMX) emulates it: on an AVX2 CPU a
+    bf16 matrix product ran at 15 GFLOP/s against 111 in float32, so say so before the run starts."""
+    if dtype == "bfloat16" and torch.bfloat16 not in onednn_dtypes():
+        log.warning("hardware.dtype=bfloat16: this CPU has no bf16 instructions, so training runs several times slower "
+                    "than with hardware.dtype=float32")
 
 
 def run_loop(run, loop, logger: RunLogger, report: Report, start_step: int, run_id: str, watch: PreemptionWatch) -> None:

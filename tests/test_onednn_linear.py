@@ -3,6 +3,7 @@ keep the checkpoint format, and change no rollout."""
 from __future__ import annotations
 
 import copy
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from rlkit.models import load_pretrained
+from rlkit import trainer
+from rlkit.models import load_pretrained, onednn_linear
 from rlkit.models.loading import default_attention
-from rlkit.models import onednn_linear
 from rlkit.models.onednn_linear import OneDNNLinear, fused_projection, onednn_dtypes, packed_weights, use_onednn_linears
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import generate
@@ -86,6 +87,15 @@ def test_bf16_layers_stay_on_torch_without_native_bf16(monkeypatch):
     assert use_onednn_linears(model) == 1 and type(model[0]) is nn.Linear and type(model[1]) is OneDNNLinear
     model[0](torch.randn(4, 256, dtype=torch.bfloat16)).sum().backward()
     assert model[0].weight.grad is not None
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_announced_as_slow(monkeypatch, caplog):
+    for native, dtype, warned in ((False, "bfloat16", True), (False, "float32", False), (True, "bfloat16", False)):
+        monkeypatch.setattr(trainer, "onednn_dtypes", lambda: (torch.float32, torch.bfloat16) if native else (torch.float32,))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=trainer.__name__):
+            trainer.warn_about_cpu_precision(dtype)
+        assert ("no bf16 instructions" in caplog.text) == warned
 
 
 def test_small_layers_stay_on_torch():
