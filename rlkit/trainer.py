@@ -71,7 +71,7 @@ def train(cfg, run_dir: str) -> Report:
 def warn_about_cpu_precision(dtype: str) -> None:
     """bf16 on a CPU without bf16 instructions (no AVX-512 BF16 or AMX) emulates it: on an AVX2 CPU a
     bf16 matrix product ran at 15 GFLOP/s against 111 in float32, so say so before the run starts."""
-    if dtype == "bfloat16" and torch.bfloat16 not in onednn_dtypes():
+    if dtype == "bfloat16" and torch.backends.mkldnn.is_available() and torch.bfloat16 not in onednn_dtypes():
         log.warning("hardware.dtype=bfloat16: this CPU has no bf16 instructions, so training runs several times slower "
                     "than with hardware.dtype=float32")
 

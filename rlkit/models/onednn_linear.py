@@ -21,9 +21,11 @@ MIN_WEIGHT_ELEMENTS = 1 << 16
 
 
 def onednn_dtypes() -> tuple[torch.dtype, ...]:
-    """The dtypes this CPU's oneDNN linear computes: float32, and bfloat16 only with native bf16
-    instructions (AVX-512 BF16, AMX). Without them oneDNN has no bf16 kernel for the op and fails
-    (seen on an AVX2-only CPU), where torch's own bf16 matmul still works."""
+    """The dtypes this CPU's oneDNN linear computes (none in a PyTorch built without oneDNN): float32,
+    and bfloat16 only with native bf16 instructions (AVX-512 BF16, AMX). Without them oneDNN has no
+    bf16 kernel for the op and fails (seen on an AVX2-only CPU), where torch's own bf16 matmul works."""
+    if not torch.backends.mkldnn.is_available():
+        return ()
     return (torch.float32, torch.bfloat16) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
@@ -72,8 +74,6 @@ def use_onednn_linears(model: nn.Module, min_weight_elements: int | None = None)
     """Make every plain ``nn.Linear`` of a CPU ``model`` in a dtype of :func:`onednn_dtypes` with at least
     ``min_weight_elements`` weights (default :data:`MIN_WEIGHT_ELEMENTS`) a :class:`OneDNNLinear`,
     in place; subclasses such as adapters are left alone. Returns how many were converted."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
     smallest = MIN_WEIGHT_ELEMENTS if min_weight_elements is None else min_weight_elements
     dtypes, converted = onednn_dtypes(), 0
     for module in model.modules():
