@@ -286,10 +286,22 @@ def cpu_description() -> str:
     AVX-512 machine ran fp32 products 1.6x as fast as an AVX2 one, and only it has native bf16)."""
     import torch
 
+    from rlkit.models.onednn_linear import onednn_dtypes
+
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None) \
         if os.path.exists("/proc/cpuinfo") else None
-    bf16 = ", native bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ""
+    bf16 = ", native bf16" if torch.bfloat16 in onednn_dtypes() else ""
     return f"{model or platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}{bf16}) x{os.cpu_count()}"
+
+
+MATMUL_BACKENDS = ("torch", "onednn")
+
+
+def peak_shapes(arch: dict) -> dict[str, tuple[int, int, int]]:
+    """The (m, k, n) products whose best rate, through either backend, is taken as the matmul peak:
+    the update's largest (every token of a step x hidden x MLP width) and a square one."""
+    m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), arch["hidden_size"], arch["intermediate_size"]
+    return {f"{m}x{d}x{ff}": (m, d, ff), "1024^3": (1024, 1024, 1024)}
 
 
 def matmul_flops_per_s(m: int, k: int, n: int, dtype: str, backend: str) -> float:
@@ -440,9 +452,8 @@ def main() -> None:
     for size in a.sizes.split(","):
         work = make_work_dir(size, a.work)
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
-        m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]
-        measure = lambda: {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in ("torch", "onednn")  # noqa: E731
-                           for shape, dims in ((f"{m}x{d}x{ff}", (m, d, ff)), ("1024^3", (1024, 1024, 1024)))}
+        measure = lambda: {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in MATMUL_BACKENDS  # noqa: E731
+                           for shape, dims in peak_shapes(work["arch"]).items()}
         runs, measured = [], []
         for repeat in range(a.repeats):  # the matmul peak is measured before every repeat, as noisy as the steps around it
             measured.append(measure())

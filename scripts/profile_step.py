@@ -22,9 +22,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_trl import GROUP, NEW_TOKENS, PROMPT_LEN, PROMPTS, SIZES, cpu_description, make_work_dir, matmul_flops_per_s, read_jsonl  # noqa: E402
-
-PEAK_SHAPES = ("job", "1024^3")  # as scripts/bench_trl.py measures the peak: the update's largest product and a square one
+from bench_trl import (  # noqa: E402
+    GROUP, MATMUL_BACKENDS, NEW_TOKENS, PROMPTS, SIZES, cpu_description, make_work_dir, matmul_flops_per_s, peak_shapes, read_jsonl,
+)
 
 
 # the operators that compute the linear layers' products (oneDNN's, or torch's BLAS: with and without bias)
@@ -42,16 +42,16 @@ def product_flops(event) -> int:
     return 2 * rows * first[-1] * (second[0] if event.name == "mkldnn::_linear_pointwise" else second[1])
 
 
-def products_summary(prof, peak: float) -> str:
+def products_summary(prof, peak: float, shapes: dict) -> str:
     """The products' achieved FLOP/s in place (in the phase, between its other operators), against
-    ``peak``: the ceiling of an update made of them, whatever the rest of the phase costs."""
+    ``peak``, measured at ``shapes``: the ceiling of an update made of them, whatever the rest costs."""
     events = [e for e in prof.events() if e.name in PRODUCT_OPERATORS]
     flops = sum(product_flops(e) for e in events)
     seconds = sum(e.self_cpu_time_total for e in events) / 1e6
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
     return (f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = {flops / seconds / 1e9:.1f} GFLOP/s, "
-            f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(PEAK_SHAPES)} through "
-            f"torch and oneDNN); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%}).")
+            f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(shapes)} through "
+            f"{' and '.join(MATMUL_BACKENDS)}); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%}).")
 
 
 def top_operators(prof, rows: int) -> list[tuple[str, float, float, int]]:
@@ -109,15 +109,15 @@ def main() -> None:
 
     phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
               "update (forward + backward)": profiled(update)}
-    dims = {"job": (PROMPTS * GROUP * (PROMPT_LEN + NEW_TOKENS), work["arch"]["hidden_size"], work["arch"]["intermediate_size"]), "1024^3": (1024,) * 3}
-    peak = max(matmul_flops_per_s(*dims[shape], dtype, backend) for shape in PEAK_SHAPES for backend in ("torch", "onednn"))
+    shapes = peak_shapes(work["arch"])
+    peak = max(matmul_flops_per_s(*dims, dtype, backend) for dims in shapes.values() for backend in MATMUL_BACKENDS)
     lines = [f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
              f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
              f"{cpu_description()}", ""]
     for phase, (seconds, prof) in phases.items():
         lines += [f"## {phase}: {seconds:.3f} s", "", "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
         lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in top_operators(prof, args.rows)] + [""]
-    lines += [products_summary(phases["update (forward + backward)"][1], peak), ""]
+    lines += [products_summary(phases["update (forward + backward)"][1], peak, shapes), ""]
     text = "\n".join(lines)
     if args.out:
         with open(args.out, "w") as f:
