@@ -29,8 +29,8 @@ CHOICES = {
     "algo.critic.type": ("none", "separate", "shared_head"),
     "algo.critic.loss": VALUE_LOSSES,
     "algo.reward_norm": ("none", "batch", "running"),
+    "hardware.dtype": tuple(DTYPES),  # before model.dtype, which follows it by default: the error names the key the user set
     "model.dtype": tuple(DTYPES),
-    "hardware.dtype": tuple(DTYPES),
     "hardware.device": ("cpu", "cuda"),
     "hardware.cpu_matmul": ("onednn", "torch"),
     "hardware.zero_stage": (0, 1, 2, 3),

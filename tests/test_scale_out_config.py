@@ -26,6 +26,7 @@ def test_hardware_presets_reach_deepspeed(preset: str, stage: int, compose_confi
     ("hardware.num_procs=0", "hardware.num_procs=0 must be at least 1"),
     ("trainer.preempt_signals=[SIGKILL]", "trainer.preempt_signals: 'SIGKILL' is not one of"),
     ("hardware.num_procs=3", "trainer.prompts_per_step_global=32 must divide evenly over 3 processes"),
+    ("hardware.dtype=float8", "hardware.dtype='float8' is not one of: float32, bfloat16, float16"),  # not model.dtype, which follows it
 ])
 def test_scale_out_keys_are_checked(override: str, message: str, compose_config):
     from rlkit.config import ConfigError
