@@ -7,6 +7,7 @@ position, W&B run id, ...), ``rlkit_config.yaml`` and ``rng_rank<r>.pt``. It is 
 name and renamed when complete, so a crash never leaves a half checkpoint that
 resume would pick.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,9 @@ def list_checkpoints(run_dir: str) -> list[str]:
     root = checkpoint_root(run_dir)
     if not os.path.isdir(root):
         return []
-    steps = sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.isfile(os.path.join(root, n, STATE_FILE)))
+    steps = sorted(
+        int(n) for n in os.listdir(root) if n.isdigit() and os.path.isfile(os.path.join(root, n, STATE_FILE))
+    )
     return [os.path.join(root, str(s)) for s in steps]
 
 
@@ -54,8 +57,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: str, step: int, engine, tokenizer, trainer_state: dict[str, Any], config, keep: int,
-                    extra_engines: dict[str, Any] | None = None) -> str:
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    engine,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    config,
+    keep: int,
+    extra_engines: dict[str, Any] | None = None,
+) -> str:
     """Write checkpoint ``step`` atomically (collective: every rank calls it).
     ``extra_engines`` (e.g. a separate critic) go to ``training_state_<name>/``."""
     root = checkpoint_root(run_dir)

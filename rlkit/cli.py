@@ -1,4 +1,5 @@
 """The ``rlkit`` command: ``train`` (Hydra), ``eval``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -117,7 +118,9 @@ def main() -> None:
         quiet_libraries()
     if command == "train":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(rest):
-            fail("--multirun under a distributed launcher: the ranks would disagree on the sweep dir; use hardware.num_procs=N")
+            fail(
+                "--multirun under a distributed launcher: the ranks would disagree on the sweep dir; use hardware.num_procs=N"
+            )
         sys.argv = [f"{sys.argv[0]} train", *rest]
         train_main()
     elif command == "eval":

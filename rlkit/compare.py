@@ -6,6 +6,7 @@ its overrides (its run name) less ``seed=N`` and less the overrides every run sh
 and seeds; the seeds of one configuration are aggregated into mean ± std. Writes
 ``compare.md``, ``compare.json`` and ``compare.png`` into DIR.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def summarise_run(run_dir: str) -> dict:
     return {
         "run_dir": run_dir,
         "algo": report.get("algo", "?"),
-        "overrides": [part for part in report.get("run_name", "").split(",") if part and not re.fullmatch(r"seed=\d+", part)],
+        "overrides": [
+            part for part in report.get("run_name", "").split(",") if part and not re.fullmatch(r"seed=\d+", part)
+        ],
         "seed": report.get("seed"),
         "steps": len(steps),
         "complete": bool(evaluations) and evaluations[-1]["step"] >= report.get("max_steps", 0),
@@ -79,7 +82,7 @@ def mean_curve(group: list[dict]) -> tuple[list[int], list[float]]:
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     means = [statistics.fmean(c[s] for c in curves) for s in steps]
     window = max(1, len(means) // 15)
-    smoothed = [statistics.fmean(means[max(0, i - window + 1):i + 1]) for i in range(len(means))]
+    smoothed = [statistics.fmean(means[max(0, i - window + 1) : i + 1]) for i in range(len(means))]
     return steps, smoothed
 
 
@@ -90,7 +93,12 @@ def plot(runs: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 configurations
     for index, (algo, group) in enumerate(sorted(by_algo.items())):
-        ax.plot(*mean_curve(group), label=f"{algo} ({len(group)} seeds)", color=colors[index % len(colors)], linestyle="-" if index < 20 else "--")
+        ax.plot(
+            *mean_curve(group),
+            label=f"{algo} ({len(group)} seeds)",
+            color=colors[index % len(colors)],
+            linestyle="-" if index < 20 else "--",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("train reward (batch mean, seed mean, smoothed)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the curves, never over them
@@ -100,12 +108,16 @@ def plot(runs: list[dict], path: str) -> None:
 
 
 def render_markdown(table: dict[str, dict]) -> str:
-    lines = ["| run | seeds | steps | held-out accuracy start | final (mean ± std) | gain over the run | wall time (s) | tokens/s | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | seeds | steps | held-out accuracy start | final (mean ± std) | gain over the run | wall time (s) | tokens/s | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for algo, row in sorted(table.items(), key=lambda item: -item[1]["accuracy_final"]):
-        lines.append(f"| {algo} | {len(row['seeds'])} | {row['steps']} | {row['accuracy_start']:.3f} | "
-                     f"{row['accuracy_final']:.3f} ± {row['accuracy_final_std']:.3f} | {row['accuracy_gain']:+.3f} ± {row['accuracy_gain_std']:.3f} | {row['wall_seconds']:.0f} ± {row['wall_seconds_std']:.0f} | "
-                     f"{row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} |")
+        lines.append(
+            f"| {algo} | {len(row['seeds'])} | {row['steps']} | {row['accuracy_start']:.3f} | "
+            f"{row['accuracy_final']:.3f} ± {row['accuracy_final_std']:.3f} | {row['accuracy_gain']:+.3f} ± {row['accuracy_gain_std']:.3f} | {row['wall_seconds']:.0f} ± {row['wall_seconds_std']:.0f} | "
+            f"{row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n\n![reward curves](compare.png)\n"
 
 
@@ -114,7 +126,9 @@ def compare(sweep_dir: str) -> dict[str, dict]:
     runs = [r for r in found if r["complete"]]
     incomplete = [r["run_dir"] for r in found if not r["complete"]]
     if not runs:
-        raise FileNotFoundError(f"no complete runs (directories with report.json and metrics.jsonl, evaluated at their last step) under {sweep_dir}")
+        raise FileNotFoundError(
+            f"no complete runs (directories with report.json and metrics.jsonl, evaluated at their last step) under {sweep_dir}"
+        )
     label_runs(runs)
     table = aggregate(runs)
     with open(os.path.join(sweep_dir, "compare.json"), "w") as f:

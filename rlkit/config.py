@@ -6,10 +6,11 @@ then checks names against the registries and the batch arithmetic. Batch sizes
 say in their name whether they count over all processes (``_global``) or per
 process (``_per_device``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -31,9 +32,15 @@ class SamplingConfig:
 class KLConfig:
     coef: float = 0.0  # beta; 0 disables the reference model entirely
     estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
-    placement: str = "loss"  # "loss": beta * KL added to the loss (GRPO); "reward": subtracted per token from the reward (PPO)
-    target: Optional[float] = None  # adaptive controller (Ziegler et al. 2019, Eq. 2): the KL per response beta is steered to; null = fixed beta
-    horizon: int = 10000  # adaptive controller: samples over which beta may change by at most a factor 1 +- 0.2 (Ziegler: 10000)
+    placement: str = (
+        "loss"  # "loss": beta * KL added to the loss (GRPO); "reward": subtracted per token from the reward (PPO)
+    )
+    target: float | None = (
+        None  # adaptive controller (Ziegler et al. 2019, Eq. 2): the KL per response beta is steered to; null = fixed beta
+    )
+    horizon: int = (
+        10000  # adaptive controller: samples over which beta may change by at most a factor 1 +- 0.2 (Ziegler: 10000)
+    )
 
 
 @dataclass
@@ -56,9 +63,13 @@ class VineConfig:
     samples nothing; ``algo.advantage=vine`` needs ``k >= 1``."""
 
     k: int = 0  # continuations per state, K of Eq. 5 (paper: 9; its ablation: 1 < 3 < 9); 0 = off
-    step_delimiter: str = "\n"  # a step ends after a token whose text contains this (paper: reasoning steps, cut at newlines; "" = off)
+    step_delimiter: str = (
+        "\n"  # a step ends after a token whose text contains this (paper: reasoning steps, cut at newlines; "" = off)
+    )
     step_tokens: int = 0  # also end a step after this many tokens (0 = off; the paper cuts only at step boundaries)
-    max_states: Optional[int] = None  # estimate at most this many states per response, the prompt included; later steps join the last one (null = all, as in the paper)
+    max_states: int | None = (
+        None  # estimate at most this many states per response, the prompt included; later steps join the last one (null = all, as in the paper)
+    )
 
 
 @dataclass
@@ -78,7 +89,9 @@ class NLPOConfig:
     of the policy, refreshed every ``mask_update_every`` steps, whose top-p token set is the only
     set the policy may sample from (and whose masked distribution PPO's ratios use)."""
 
-    top_p: float = 0.9  # p of the mask policy's top-p set (paper / RL4LMs' released NLPO configs: 0.9); 1 = no mask (plain PPO)
+    top_p: float = (
+        0.9  # p of the mask policy's top-p set (paper / RL4LMs' released NLPO configs: 0.9); 1 = no mask (plain PPO)
+    )
     mask_update_every: int = 5  # mu: steps between copies of the policy into the mask policy (RL4LMs' configs: 5 on IMDB/GPT-2, 20 on CommonGen and CNN-DM/T5)
     min_tokens_to_keep: int = 1  # the set keeps at least this many tokens (1 = plain top-p as the paper describes it; RL4LMs' implementation default: 100)
     keep_eos: bool = True  # EOS is always allowed (RL4LMs un-masks the special tokens; the paper does not say)
@@ -97,14 +110,22 @@ class AlgoConfig:
     clip_high: float = 0.2  # PPO epsilon above 1 (DAPO recommends 0.28)
     kl: KLConfig = field(default_factory=KLConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
-    truncation: TruncationConfig = field(default_factory=TruncationConfig)  # T-PPO (loop: truncated_ppo): window length and the value model's lambda
-    vine: VineConfig = field(default_factory=VineConfig)  # VinePPO: Monte-Carlo state values instead of a critic (advantage: vine)
-    nlpo: NLPOConfig = field(default_factory=NLPOConfig)  # NLPO (loop: nlpo): the mask policy's top-p and refresh interval
+    truncation: TruncationConfig = field(
+        default_factory=TruncationConfig
+    )  # T-PPO (loop: truncated_ppo): window length and the value model's lambda
+    vine: VineConfig = field(
+        default_factory=VineConfig
+    )  # VinePPO: Monte-Carlo state values instead of a critic (advantage: vine)
+    nlpo: NLPOConfig = field(
+        default_factory=NLPOConfig
+    )  # NLPO (loop: nlpo): the mask policy's top-p and refresh interval
     reward_norm: str = "none"  # none | batch (whiten scores over the batch) | running (by running mean/std, PPO-max)
     reward_clip: float = 0.0  # clip normalised scores into [-c, c] (PPO-max: 5 after normalisation); 0 = off
     entropy_coef: float = 0.0  # bonus on the policy entropy (0 = off)
     group_size: int = 8  # samples per prompt
-    baseline_rollout: str = "none"  # "greedy": also decode each prompt greedily and pass its score as baseline_scores (ReMax)
+    baseline_rollout: str = (
+        "none"  # "greedy": also decode each prompt greedily and pass its score as baseline_scores (ReMax)
+    )
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal and sample more prompts to refill (DAPO)
     max_sampling_rounds: int = 3  # with dynamic_sampling: most rollout rounds per step before training on what was kept
     update_epochs: int = 1  # passes over each rollout batch
@@ -124,14 +145,18 @@ class AlgoConfig:
     bnpo_score_min: float = 0.0  # bnpo: scores are mapped affinely from [min, max] onto [0, 1] (then clipped into it)
     bnpo_score_max: float = 1.0  # bnpo: see bnpo_score_min
     gppo_beta1: float = 0.75  # ce_gppo: gradient scale of tokens clipped below (ratio < 1 - clip_low, A < 0); paper: 0.75 (7B), 0.5 (1.5B)
-    gppo_beta2: float = 1.0  # ce_gppo: gradient scale of tokens clipped above (ratio > 1 + clip_high, A > 0); paper: 1.0
+    gppo_beta2: float = (
+        1.0  # ce_gppo: gradient scale of tokens clipped above (ratio > 1 + clip_high, A > 0); paper: 1.0
+    )
     pspo_alpha: float = 0.1  # pspo: smoothing of pi toward pi_old before the ratio, in [0, 1); 0 = unclipped ratio
     apa_lambda: float = 1.0  # apa: lambda, the advantage scale 1/lambda of the target log pi_init + A / lambda
     rebel_eta: float = 1.0  # rebel: eta, log-ratio differences are divided by it (the paper tunes it per task)
     p3o_clip: str = "joint"  # p3o: joint (P3O-V2) clips the pair's log-ratio difference, separate (P3O-V1) each response's log-ratio
     p3o_weight_cap: float = 10.0  # p3o: c, the pair's importance weight rho1 rho2 is clipped into [1/c, c] (authors' code: 10); 1 = no weighting
     # --- preference, ranking and rejection-sampling training (loops: preference, online_preference; see conf/algo/dpo.yaml)
-    preference_loss: str = "sigmoid"  # preference loss registry name: sigmoid (DPO) | ipo | hinge | cdpo | robust | rpo | rrhf | pro | sft
+    preference_loss: str = (
+        "sigmoid"  # preference loss registry name: sigmoid (DPO) | ipo | hinge | cdpo | robust | rpo | rrhf | pro | sft
+    )
     beta: float = 0.1  # DPO-family temperature on the log-ratio margin (DPO: 0.1); also RSO's rejection-sampling temperature and copg's beta in r - beta ln(pi/pi_ref)
     label_smoothing: float = 0.0  # cdpo, robust: assumed fraction of flipped preference labels, in [0, 0.5)
     rpo_alpha: float = 1.0  # rpo: weight of the chosen response's per-token NLL (Pang et al. 2024: 1)
@@ -163,13 +188,15 @@ class WarmStartConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    name_or_path: Optional[str] = None  # local dir or hub id; null builds the tiny model from `tiny`
+    name_or_path: str | None = None  # local dir or hub id; null builds the tiny model from `tiny`
     dtype: str = "float32"  # weights as loaded: float32 | bfloat16 | float16
     lr: float = 1e-6  # RL learning rate suited to this model's scale (algo presets use it unless algo.lr is set)
     sft_lr: float = 1e-5  # supervised learning rate suited to this model's scale (algo=sft)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
-    attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; null = transformers' default (eager in bf16 on CPU)
+    attn_implementation: str | None = (
+        None  # e.g. sdpa, flash_attention_2; null = transformers' default (eager in bf16 on CPU)
+    )
     tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
@@ -180,19 +207,19 @@ class RewardConfig:
     # name -> {fn: registered name or "pkg.mod:function", weight: 1.0, args: {keyword arguments}}, summed with
     # their weights. Untyped so that `+reward.terms.mine={fn: ..., weight: ...}` works; rlkit.validate checks it.
     terms: dict[str, Any] = field(default_factory=dict)
-    fn: Optional[str] = None  # shorthand: one reward function ("pkg.mod:fn" or a name) replacing `terms`
+    fn: str | None = None  # shorthand: one reward function ("pkg.mod:fn" or a name) replacing `terms`
 
 
 @dataclass
 class TaskConfig:
     name: str = MISSING
-    path: Optional[str] = None  # hub id or local directory/files; the task says which formats it reads
+    path: str | None = None  # hub id or local directory/files; the task says which formats it reads
     prompt_template: str = "{question}"  # formats a row into the user message
-    system_prompt: Optional[str] = None  # used with chat templates only
+    system_prompt: str | None = None  # used with chat templates only
     use_chat_template: bool = True  # apply the tokenizer's chat template when it has one
     verifier: str = "math_answer"  # reward whose value 1 means "correct" (accuracy, pass@k)
     max_new_tokens: int = 256  # response length this task needs (algo presets use it)
-    max_train_rows: Optional[int] = None  # cap on training rows (null = all)
+    max_train_rows: int | None = None  # cap on training rows (null = all)
     options: dict[str, Any] = field(default_factory=dict)  # task-specific knobs, checked by the task
 
 
@@ -201,7 +228,9 @@ class HardwareConfig:
     name: str = MISSING
     device: str = "cpu"  # cpu | cuda
     dtype: str = "float32"  # training precision: float32 | bfloat16 | float16
-    cpu_matmul: str = "onednn"  # CPU linear layers: onednn (faster GEMMs; weights reordered once per rollout) | torch (its BLAS)
+    cpu_matmul: str = (
+        "onednn"  # CPU linear layers: onednn (faster GEMMs; weights reordered once per rollout) | torch (its BLAS)
+    )
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
     fused_optimizer: bool = False  # PyTorch's fused AdamW kernel: ~6x faster optimizer step on CPU, but same-seed runs are then not bit-identical
@@ -214,7 +243,7 @@ class LoggerConfig:
     name: str = MISSING
     mode: str = "offline"  # online | offline | disabled (W&B); offline never touches the network
     project: str = "rlkit"
-    entity: Optional[str] = None
+    entity: str | None = None
     tags: list[str] = field(default_factory=list)
     progress_bar: bool = True
 
@@ -222,18 +251,22 @@ class LoggerConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 100  # RL (or SFT) optimizer iterations, one rollout batch each
-    prompts_per_step_global: int = 16  # prompts per step over all processes (RL: x algo.group_size samples; SFT: examples)
+    prompts_per_step_global: int = (
+        16  # prompts per step over all processes (RL: x algo.group_size samples; SFT: examples)
+    )
     micro_batch_per_device: int = 64  # sequences per forward/backward pass on one process
     eval_every: int = 25  # steps between evaluations (0 = only before and after)
     save_every: int = 50  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     sample_completions: int = 8  # completions logged as a table per logged step
-    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2"])  # on one: checkpoint at the next step boundary, requeue the SLURM job, exit (sbatch --signal; submitit sends USR2)
+    preempt_signals: list[str] = field(
+        default_factory=lambda: ["SIGUSR1", "SIGUSR2"]
+    )  # on one: checkpoint at the next step boundary, requeue the SLURM job, exit (sbatch --signal; submitit sends USR2)
 
 
 @dataclass
 class EvalConfig:
-    num_examples: Optional[int] = 200  # held-out rows evaluated (null = all)
+    num_examples: int | None = 200  # held-out rows evaluated (null = all)
     pass_k: int = 8  # samples per prompt for pass@k (0 = skip)
     temperature: float = 1.0  # sampling temperature for pass@k
     batch_size_per_device: int = 128  # prompts per generate call

@@ -1,4 +1,5 @@
 """Drawing prompts: a seeded reshuffle per epoch, resumable at any position."""
+
 from __future__ import annotations
 
 import torch

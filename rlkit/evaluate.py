@@ -1,8 +1,8 @@
 """Held-out evaluation: greedy accuracy, sampled pass@k, reward statistics and samples."""
+
 from __future__ import annotations
 
 import torch
-
 from tqdm.auto import tqdm
 
 from rlkit.engine import all_gather_objects, is_main_process, is_sharded, rank, world_size
@@ -34,9 +34,11 @@ def _evaluate(run, model, max_new_tokens: int) -> dict:
     starts = range(0, len(padded), cfg.batch_size_per_device)
     show = is_main_process() and run.cfg.logger.progress_bar and len(starts) > 1
     for start in tqdm(starts, desc="evaluate", leave=False, disable=not show):
-        batch = padded[start:start + cfg.batch_size_per_device]
+        batch = padded[start : start + cfg.batch_size_per_device]
         records += _evaluate_rows(run, model, batch, max_new_tokens)
-    records = sorted((r for part in all_gather_objects(records[:len(indices)]) for r in part), key=lambda r: r["index"])
+    records = sorted(
+        (r for part in all_gather_objects(records[: len(indices)]) for r in part), key=lambda r: r["index"]
+    )
     summary = summarize(records, cfg.pass_k, cfg.num_samples_in_report)
     task_metrics = run.task.metrics([r["completion"] for r in records], [run.test_rows[r["index"]] for r in records])
     summary.update(task_metrics, task_metrics=sorted(task_metrics))
@@ -55,19 +57,45 @@ def _evaluate_rows(run, model, indices: list[int], max_new_tokens: int) -> list[
     rewards, _ = run.reward(prompts, completions, completion_ids=greedy.completion_ids(), **run.columns(rows))
     sampled_correct, sampled_answers = [[] for _ in rows], [[] for _ in rows]
     if cfg.pass_k:
-        sampled = generate(model, tokenizer, prompts, num_samples=cfg.pass_k, max_new_tokens=max_new_tokens, temperature=cfg.temperature)
+        sampled = generate(
+            model,
+            tokenizer,
+            prompts,
+            num_samples=cfg.pass_k,
+            max_new_tokens=max_new_tokens,
+            temperature=cfg.temperature,
+        )
         repeated = [row for row in rows for _ in range(cfg.pass_k)]
         sampled_texts = decode_responses(tokenizer, sampled)
         verdicts = run.verifier([p for p in prompts for _ in range(cfg.pass_k)], sampled_texts, **run.columns(repeated))
-        sampled_correct = [verdicts[i * cfg.pass_k:(i + 1) * cfg.pass_k] for i in range(len(rows))]
+        sampled_correct = [verdicts[i * cfg.pass_k : (i + 1) * cfg.pass_k] for i in range(len(rows))]
         answers = [run.task.answer_key(c) for c in sampled_texts]
-        sampled_answers = [answers[i * cfg.pass_k:(i + 1) * cfg.pass_k] for i in range(len(rows))]
+        sampled_answers = [answers[i * cfg.pass_k : (i + 1) * cfg.pass_k] for i in range(len(rows))]
     return [
-        {"index": i, "prompt": p, "completion": c, "answer": str(row.get("answer", "")),
-         "correct": float(ok) >= 1.0, "reward": r, "length": int(n), "truncated": bool(t), "samples_correct": [float(s) >= 1.0 for s in sc],
-         "samples_answers": sa}
-        for i, row, p, c, ok, r, n, t, sc, sa in zip(indices, rows, prompts, completions, correct, rewards, greedy.response_lengths.tolist(),
-                                                     greedy.truncated.tolist(), sampled_correct, sampled_answers)
+        {
+            "index": i,
+            "prompt": p,
+            "completion": c,
+            "answer": str(row.get("answer", "")),
+            "correct": float(ok) >= 1.0,
+            "reward": r,
+            "length": int(n),
+            "truncated": bool(t),
+            "samples_correct": [float(s) >= 1.0 for s in sc],
+            "samples_answers": sa,
+        }
+        for i, row, p, c, ok, r, n, t, sc, sa in zip(
+            indices,
+            rows,
+            prompts,
+            completions,
+            correct,
+            rewards,
+            greedy.response_lengths.tolist(),
+            greedy.truncated.tolist(),
+            sampled_correct,
+            sampled_answers,
+        )
     ]
 
 
@@ -85,6 +113,10 @@ def summarize(records: list[dict], k: int, num_samples: int) -> dict:
         summary["pass@1"] = mean_std([pass_at_k(k, sum(r["samples_correct"]), 1) for r in records])[0]
         summary[f"pass@{k}"] = mean_std([pass_at_k(k, sum(r["samples_correct"]), k) for r in records])[0]
         if any(a is not None for r in records for a in r["samples_answers"]):
-            summary[f"maj@{k}"] = mean_std([float(majority_correct(r["samples_answers"], r["samples_correct"])) for r in records])[0]
-    summary["samples"] = [{key: r[key] for key in ("prompt", "completion", "answer", "correct", "reward")} for r in records[:num_samples]]
+            summary[f"maj@{k}"] = mean_std(
+                [float(majority_correct(r["samples_answers"], r["samples_correct"])) for r in records]
+            )[0]
+    summary["samples"] = [
+        {key: r[key] for key in ("prompt", "completion", "answer", "correct", "reward")} for r in records[:num_samples]
+    ]
     return summary

@@ -1,4 +1,5 @@
 """``rlkit eval checkpoint=PATH``: the run report for any checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def parse_args(args: list[str]) -> tuple[str, str | None, list[str]]:
 def load_config(checkpoint: str, overrides: list[str]):
     schema = OmegaConf.structured(RootConfig)
     try:
-        cfg = OmegaConf.merge(schema, OmegaConf.load(os.path.join(checkpoint, CONFIG_FILE)), OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(
+            schema, OmegaConf.load(os.path.join(checkpoint, CONFIG_FILE)), OmegaConf.from_dotlist(overrides)
+        )
     except OmegaConfBaseException as error:
         raise ConfigError(str(error).splitlines()[0]) from None
     cfg.resume = "never"
@@ -61,7 +64,15 @@ def evaluate_checkpoint(args: list[str]) -> dict:
         step = json.load(f)["step"]
     result = evaluate(run, model, cfg.algo.sampling.max_new_tokens)
     if is_main_process():
-        report = Report(output_dir, {"run_name": cfg.run_name, "checkpoint": os.path.abspath(checkpoint), "algo": cfg.algo.name, "task": cfg.task.name})
+        report = Report(
+            output_dir,
+            {
+                "run_name": cfg.run_name,
+                "checkpoint": os.path.abspath(checkpoint),
+                "algo": cfg.algo.name,
+                "task": cfg.task.name,
+            },
+        )
         report.add(step, f"checkpoint {step}", result)
         report.write()
         print(f"accuracy {result['accuracy']:.3f}; report in {output_dir}/report.md")

@@ -10,6 +10,7 @@ kl_to_reference: mean of sum_t log pi - log pi_ref over one response per held-ou
     Absent when the reference log-probs were precomputed (no reference model is kept).
 The reference is the loop's (the start model), else the start model loaded once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,11 +35,19 @@ def evaluate_pairs(run, loop) -> dict:
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(run.cfg.seed * 7919 + rank())
         for start in range(0, len(indices), cfg.batch_size_per_device):
-            batch = indices[start:start + cfg.batch_size_per_device]
+            batch = indices[start : start + cfg.batch_size_per_device]
             rows = [run.test_rows[i] for i in batch]
             scored = score(rows)
-            records += [{"index": i, "prompt": p, "chosen": row["chosen"], "rejected": row["rejected"], **{k: v[j] for k, v in scored.items()}}
-                        for j, (i, p, row) in enumerate(zip(batch, run.prompts(rows), rows))]
+            records += [
+                {
+                    "index": i,
+                    "prompt": p,
+                    "chosen": row["chosen"],
+                    "rejected": row["rejected"],
+                    **{k: v[j] for k, v in scored.items()},
+                }
+                for j, (i, p, row) in enumerate(zip(batch, run.prompts(rows), rows))
+            ]
     records = sorted((r for part in all_gather_objects(records) for r in part), key=lambda r: r["index"])
     return summarize_pairs(records, cfg.num_samples_in_report)
 
@@ -59,34 +68,60 @@ class PolicyPairScorer:
     def __call__(self, rows: list[dict]) -> dict[str, list[float]]:
         run, micro = self.run, self.run.cfg.trainer.micro_batch_per_device
         prompts = run.prompts(rows)
-        batch, _ = encode_response_sets(run.tokenizer, prompts, [[r["chosen"], r["rejected"]] for r in rows], next(self.model.parameters()).device)
+        batch, _ = encode_response_sets(
+            run.tokenizer, prompts, [[r["chosen"], r["rejected"]] for r in rows], next(self.model.parameters()).device
+        )
         log_probs = score_response_sets(self.model, batch, 2, micro)
         if self.reference is None:
             ref = torch.tensor([[r["ref_log_probs"][0], r["ref_log_probs"][-1]] for r in rows], device=log_probs.device)
         else:
             ref = score_response_sets(self.reference, batch, 2, micro)
         rewards = self.beta * (log_probs - ref)
-        out = {"chosen_reward": rewards[:, 0].tolist(), "rejected_reward": rewards[:, 1].tolist(),
-               "chosen_logp": log_probs[:, 0].tolist(), "rejected_logp": log_probs[:, 1].tolist()}
+        out = {
+            "chosen_reward": rewards[:, 0].tolist(),
+            "rejected_reward": rewards[:, 1].tolist(),
+            "chosen_logp": log_probs[:, 0].tolist(),
+            "rejected_logp": log_probs[:, 1].tolist(),
+        }
         if self.reference is not None:
             out["kl_to_reference"] = self.sampled_kl(prompts)
         return out
 
     def sampled_kl(self, prompts: list[str]) -> list[float]:
-        rollout = generate(self.model, self.run.tokenizer, prompts, num_samples=1, max_new_tokens=self.run.cfg.algo.sampling.max_new_tokens)
+        rollout = generate(
+            self.model,
+            self.run.tokenizer,
+            prompts,
+            num_samples=1,
+            max_new_tokens=self.run.cfg.algo.sampling.max_new_tokens,
+        )
         width = rollout.response_ids.shape[1]
-        log_ratio = (token_log_probs(self.model, rollout.sequences, rollout.attention_mask, width)[0]
-                     - token_log_probs(self.reference, rollout.sequences, rollout.attention_mask, width)[0])
+        log_ratio = (
+            token_log_probs(self.model, rollout.sequences, rollout.attention_mask, width)[0]
+            - token_log_probs(self.reference, rollout.sequences, rollout.attention_mask, width)[0]
+        )
         return (log_ratio * rollout.response_mask).sum(-1).tolist()
 
 
 def summarize_pairs(records: list[dict], num_samples: int) -> dict:
     margins = [r["chosen_reward"] - r["rejected_reward"] for r in records]
-    summary = {"num_examples": len(records), "accuracy": float(pair_accuracy(torch.tensor(margins)).mean()) if margins else 0.0,
-               "reward_margin": mean_std(margins)[0], "reward_margin_std": mean_std(margins)[1]}
+    summary = {
+        "num_examples": len(records),
+        "accuracy": float(pair_accuracy(torch.tensor(margins)).mean()) if margins else 0.0,
+        "reward_margin": mean_std(margins)[0],
+        "reward_margin_std": mean_std(margins)[1],
+    }
     for key in ("chosen_reward", "rejected_reward", "chosen_logp", "rejected_logp", "kl_to_reference"):
         if records and key in records[0]:
             summary[key] = mean_std([r[key] for r in records])[0]
-    summary["samples"] = [{"prompt": r["prompt"], "completion": r["chosen"], "answer": f"rejected: {r['rejected']}",
-                           "correct": m > 0, "reward": m} for r, m in zip(records[:num_samples], margins)]
+    summary["samples"] = [
+        {
+            "prompt": r["prompt"],
+            "completion": r["chosen"],
+            "answer": f"rejected: {r['rejected']}",
+            "correct": m > 0,
+            "reward": m,
+        }
+        for r, m in zip(records[:num_samples], margins)
+    ]
     return summary

@@ -1,5 +1,6 @@
 """``hardware.num_procs=N``: the same ``rlkit train`` job as N data-parallel processes on
 this machine, started by ``torch.distributed.run`` (torchrun) and waited for."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,18 @@ def launch(cfg, run_dir: str, overrides: list[str]) -> int:
     processes also write into its sweep subdirectory. The preemption signals are ignored
     here and in torchrun's agent (a signal would otherwise kill it); the workers handle them.
     """
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.hardware.num_procs}",
-               "-m", "rlkit.cli", "train", *overrides, f"hydra.run.dir='{run_dir}'"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.hardware.num_procs}",
+        "-m",
+        "rlkit.cli",
+        "train",
+        *overrides,
+        f"hydra.run.dir='{run_dir}'",
+    ]
     previous = ignore_signals(list(cfg.trainer.preempt_signals))
     try:
         return subprocess.call(command)

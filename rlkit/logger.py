@@ -1,5 +1,6 @@
 """Run logging: Weights & Biases, ``metrics.jsonl`` in the run dir, and a progress bar.
 Only the main process logs."""
+
 from __future__ import annotations
 
 import json
@@ -45,9 +46,16 @@ class RunLogger:
             import wandb
 
             self._wandb = wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.entity, tags=list(logger_cfg.tags), mode=logger_cfg.mode,
-                dir=run_dir, id=run_id, name=os.path.basename(run_dir.rstrip("/")), resume="allow" if resumed else None,
-                config=config, settings=wandb.Settings(init_timeout=90, console="off", silent=True),
+                project=logger_cfg.project,
+                entity=logger_cfg.entity,
+                tags=list(logger_cfg.tags),
+                mode=logger_cfg.mode,
+                dir=run_dir,
+                id=run_id,
+                name=os.path.basename(run_dir.rstrip("/")),
+                resume="allow" if resumed else None,
+                config=config,
+                settings=wandb.Settings(init_timeout=90, console="off", silent=True),
             )
 
     def progress(self, total: int, initial: int, desc: str) -> None:

@@ -1,4 +1,5 @@
 """Evaluation statistics."""
+
 from __future__ import annotations
 
 import math

@@ -6,6 +6,7 @@ step boundary the ranks agree, save a checkpoint, ask SLURM to requeue the job a
 requeued job runs the same command, which resumes from that checkpoint (``resume=auto``) with
 the same data position, RNG state and W&B run id.
 """
+
 from __future__ import annotations
 
 import os
@@ -63,6 +64,10 @@ def requeue_and_exit_code(stop: Preempted) -> int:
         where = "run the same command to resume"
         if job:
             done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            where = f"SLURM job {job} requeued" if done.returncode == 0 else f"scontrol requeue {job} failed: {done.stderr.strip()}"
+            where = (
+                f"SLURM job {job} requeued"
+                if done.returncode == 0
+                else f"scontrol requeue {job} failed: {done.stderr.strip()}"
+            )
         print(f"rlkit: {stop}; checkpoint saved; {where}", file=sys.stderr, flush=True)
     return 0 if "TORCHELASTIC_RUN_ID" in os.environ else EXIT_PREEMPTED

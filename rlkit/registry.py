@@ -4,9 +4,11 @@ Every pluggable building block (advantage estimators, policy losses, loss
 aggregations, KL estimators, rewards, tasks, training loops) lives in a
 :class:`Registry`, so a new variant is one decorated function plus one YAML.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
 

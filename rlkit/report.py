@@ -1,4 +1,5 @@
 """The run report: ``report.json``, ``report.md`` and PNG plots in the run dir."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HEADLINE_KEYS = ("accuracy", "pass@1", "reward_mean", "response_length_mean", "truncated_frac",
-                 "reward_margin", "chosen_logp", "rejected_logp", "kl_to_reference")  # the last four: preference tasks
+HEADLINE_KEYS = (
+    "accuracy",
+    "pass@1",
+    "reward_mean",
+    "response_length_mean",
+    "truncated_frac",
+    "reward_margin",
+    "chosen_logp",
+    "rejected_logp",
+    "kl_to_reference",
+)  # the last four: preference tasks
 
 
 class Report:
@@ -28,7 +38,9 @@ class Report:
         self.evaluations = [e for e in self.evaluations if e["step"] <= step]
 
     def add(self, step: int, label: str, evaluation: dict) -> None:
-        self.evaluations = [e for e in self.evaluations if e["step"] != step] + [{"step": step, "label": label, **evaluation}]
+        self.evaluations = [e for e in self.evaluations if e["step"] != step] + [
+            {"step": step, "label": label, **evaluation}
+        ]
         self.evaluations.sort(key=lambda e: e["step"])
 
     def write(self) -> None:
@@ -76,10 +88,18 @@ def write_plots(run_dir: str, evaluations: list[dict]) -> list[str]:
         steps, rewards = [m["step"] for m in train], [m["reward/mean"] for m in train]
         ax.plot(steps, rewards, label="train reward (batch mean)", alpha=0.35)
         window = max(1, len(rewards) // 20)
-        smoothed = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1]) for i in range(len(rewards))]
+        smoothed = [
+            sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
         ax.plot(steps, smoothed, label=f"train reward ({window}-step mean)")
     if evaluations and "reward_mean" in evaluations[0]:
-        ax.plot([e["step"] for e in evaluations], [e["reward_mean"] for e in evaluations], "o-", label="held-out reward (greedy)")
+        ax.plot(
+            [e["step"] for e in evaluations],
+            [e["reward_mean"] for e in evaluations],
+            "o-",
+            label="held-out reward (greedy)",
+        )
     _finish(ax, fig, "reward", os.path.join(run_dir, "reward.png"))
     written.append("reward.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -105,18 +125,40 @@ def _finish(ax, fig, ylabel: str, path: str) -> None:
 
 def render_markdown(summary: dict, evaluations: list[dict], plots: list[str]) -> str:
     lines = [f"# {summary.get('run_name', 'rlkit run')}", ""]
-    lines += [f"- **{key}**: {value}" for key, value in summary.items() if key not in ("run_name",) and not isinstance(value, (dict, list))]
+    lines += [
+        f"- **{key}**: {value}"
+        for key, value in summary.items()
+        if key not in ("run_name",) and not isinstance(value, (dict, list))
+    ]
     if evaluations:
         first, last = evaluations[0], evaluations[-1]
-        lines += ["", f"**Held-out accuracy: {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}).**"]
-        keys = [k for k in evaluations[0] if k in HEADLINE_KEYS or k.startswith(("pass@", "maj@")) or k in evaluations[0].get("task_metrics", ())]
-        lines += ["", "## Evaluations", "", "| step | when | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-        lines += [f"| {e['step']} | {e['label']} | " + " | ".join(f"{e.get(k, float('nan')):.3f}" for k in keys) + " |" for e in evaluations]
+        lines += [
+            "",
+            f"**Held-out accuracy: {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}).**",
+        ]
+        keys = [
+            k
+            for k in evaluations[0]
+            if k in HEADLINE_KEYS or k.startswith(("pass@", "maj@")) or k in evaluations[0].get("task_metrics", ())
+        ]
+        lines += [
+            "",
+            "## Evaluations",
+            "",
+            "| step | when | " + " | ".join(keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        lines += [
+            f"| {e['step']} | {e['label']} | " + " | ".join(f"{e.get(k, float('nan')):.3f}" for k in keys) + " |"
+            for e in evaluations
+        ]
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
         lines += ["", f"## Sample completions ({last['label']}, greedy)", ""]
         for sample in last.get("samples", []):
             mark = "correct" if sample["correct"] else "wrong"
-            lines += [f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer {sample['answer']}, {mark})"]
+            lines += [
+                f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer {sample['answer']}, {mark})"
+            ]
     return "\n".join(lines) + "\n"
 
 

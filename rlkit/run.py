@@ -1,4 +1,5 @@
 """Everything a training loop needs, built once from the validated config."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,9 @@ def build_run(cfg, run_dir: str) -> Run:
     task = build_task(cfg.task)
     train_rows, test_rows = task.split("train"), task.split("test")
     reward = build_reward(cfg.reward)
-    verifier = RewardTermFn(cfg.task.verifier, resolve_reward_fn(cfg.task.verifier), 1.0)  # called with the row fields it names
+    verifier = RewardTermFn(
+        cfg.task.verifier, resolve_reward_fn(cfg.task.verifier), 1.0
+    )  # called with the row fields it names
     return Run(cfg, run_dir, task, train_rows, test_rows, None, reward, verifier)
 
 
@@ -78,7 +81,10 @@ def base_model_dir(run: Run) -> str:
         return run.cfg.model.name_or_path
     directory = run.path("initial_model")
     if is_main_process() and not os.path.isfile(os.path.join(directory, "config.json")):
-        corpus = (f"{row['question']}\n{row['solution']}" for row in run.train_rows.select(range(min(5000, len(run.train_rows)))))
+        corpus = (
+            f"{row['question']}\n{row['solution']}"
+            for row in run.train_rows.select(range(min(5000, len(run.train_rows))))
+        )
         model, tokenizer = build_tiny_model(run.cfg.model.tiny, corpus, run.cfg.seed)
         save_atomically(directory, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     barrier()  # every rank, always: one that found the model already saved must not skip it
@@ -121,9 +127,18 @@ def make_engine(run: Run, model, *, lr: float, batch_size_global: int, total_ste
     micro = min(run.cfg.trainer.micro_batch_per_device, per_device)
     accumulation = -(-per_device // micro)
     return build_engine(
-        model, run.cfg.hardware, lr=lr, betas=algo.adam_betas, weight_decay=algo.weight_decay,
-        max_grad_norm=algo.max_grad_norm, schedule=algo.lr_schedule, warmup_steps=algo.warmup_steps,
-        total_steps=total_steps, micro_batch_per_device=micro, grad_accum_steps=accumulation, world=world_size(),
+        model,
+        run.cfg.hardware,
+        lr=lr,
+        betas=algo.adam_betas,
+        weight_decay=algo.weight_decay,
+        max_grad_norm=algo.max_grad_norm,
+        schedule=algo.lr_schedule,
+        warmup_steps=algo.warmup_steps,
+        total_steps=total_steps,
+        micro_batch_per_device=micro,
+        grad_accum_steps=accumulation,
+        world=world_size(),
     )
 
 

@@ -1,5 +1,6 @@
 """``rlkit train``: build the run, warm-start if asked, then step the loop with
 logging, periodic evaluation and atomic checkpoints; resumable at any checkpoint."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,15 @@ from rlkit.models.onednn_linear import onednn_dtypes
 from rlkit.preemption import Preempted, PreemptionWatch
 from rlkit.report import Report, truncate_metrics
 from rlkit.run import (
-    base_model_dir, build_run, check_resume_path, load_model, new_run_id, resolved_config, resume_checkpoint,
-    save_atomically, seed_everything,
+    base_model_dir,
+    build_run,
+    check_resume_path,
+    load_model,
+    new_run_id,
+    resolved_config,
+    resume_checkpoint,
+    save_atomically,
+    seed_everything,
 )
 
 PROGRESS_KEYS = ("reward/mean", "sft/loss", "actor/kl", "time/step")
@@ -53,9 +61,19 @@ def train(cfg, run_dir: str) -> Report:
     if is_main_process():
         truncate_metrics(run_dir, start_step)  # steps after the checkpoint are redone
     logger = RunLogger(cfg.logger, run_dir, run_id, resolved_config(cfg), resumed=bool(state))
-    report = Report(run_dir, {"run_name": cfg.run_name, "algo": cfg.algo.name, "task": cfg.task.name, "model": cfg.model.name_or_path or "tiny",
-                              "seed": cfg.seed, "max_steps": cfg.trainer.max_steps, "warmstart_sft_steps": cfg.model.warmstart.steps,
-                              **getattr(run.task, "summary", {})})
+    report = Report(
+        run_dir,
+        {
+            "run_name": cfg.run_name,
+            "algo": cfg.algo.name,
+            "task": cfg.task.name,
+            "model": cfg.model.name_or_path or "tiny",
+            "seed": cfg.seed,
+            "max_steps": cfg.trainer.max_steps,
+            "warmstart_sft_steps": cfg.model.warmstart.steps,
+            **getattr(run.task, "summary", {}),
+        },
+    )
     report.truncate_after(start_step)
     try:
         run_loop(run, loop, logger, report, start_step, run_id, watch)
@@ -63,8 +81,10 @@ def train(cfg, run_dir: str) -> Report:
         logger.finish()
     if is_main_process() and report.evaluations:
         first, last = report.evaluations[0], report.evaluations[-1]
-        print(f"held-out accuracy {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}); "
-              f"report: {os.path.join(run_dir, 'report.md')}")
+        print(
+            f"held-out accuracy {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}); "
+            f"report: {os.path.join(run_dir, 'report.md')}"
+        )
     return report
 
 
@@ -72,21 +92,35 @@ def warn_about_cpu_precision(dtype: str) -> None:
     """bf16 on a CPU without bf16 instructions (no AVX-512 BF16 or AMX) emulates it: on an AVX2 CPU a
     bf16 matrix product ran at 15 GFLOP/s against 111 in float32, so say so before the run starts."""
     if dtype == "bfloat16" and torch.backends.mkldnn.is_available() and torch.bfloat16 not in onednn_dtypes():
-        log.warning("hardware.dtype=bfloat16: this CPU has no bf16 instructions, so training runs several times slower "
-                    "than with hardware.dtype=float32")
+        log.warning(
+            "hardware.dtype=bfloat16: this CPU has no bf16 instructions, so training runs several times slower "
+            "than with hardware.dtype=float32"
+        )
 
 
-def run_loop(run, loop, logger: RunLogger, report: Report, start_step: int, run_id: str, watch: PreemptionWatch) -> None:
+def run_loop(
+    run, loop, logger: RunLogger, report: Report, start_step: int, run_id: str, watch: PreemptionWatch
+) -> None:
     cfg = run.cfg.trainer
 
     def checkpoint(step: int) -> None:
         started = time.perf_counter()
-        save_checkpoint(run.run_dir, step, loop.engine, run.tokenizer, {"run_id": run_id, "loop": loop.state_dict()},
-                        run.cfg, cfg.keep_checkpoints, loop.extra_engines())
+        save_checkpoint(
+            run.run_dir,
+            step,
+            loop.engine,
+            run.tokenizer,
+            {"run_id": run_id, "loop": loop.state_dict()},
+            run.cfg,
+            cfg.keep_checkpoints,
+            loop.extra_engines(),
+        )
         logger.log({"time/checkpoint": time.perf_counter() - started}, step)
 
     if not report.evaluations:  # a fresh run dir (a requeued run already has its baseline; it evaluates on schedule)
-        label = "after warm start" if run.cfg.model.warmstart.steps and run.cfg.algo.loop != "sft" else "before training"
+        label = (
+            "after warm start" if run.cfg.model.warmstart.steps and run.cfg.algo.loop != "sft" else "before training"
+        )
         record_evaluation(run, loop, logger, report, start_step, label if start_step == 0 else f"step {start_step}")
     logger.progress(cfg.max_steps, start_step, desc=f"{run.cfg.algo.name} {run.cfg.run_name}")
     for step in range(start_step + 1, cfg.max_steps + 1):
@@ -98,8 +132,12 @@ def run_loop(run, loop, logger: RunLogger, report: Report, start_step: int, run_
         metrics["time/step"] = seconds
         metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / seconds
         logger.log(metrics, step, PROGRESS_KEYS)
-        logger.table("samples", ["prompt", "completion", "reward", "answer"],
-                     [[s["prompt"], s["completion"], s["reward"], s["answer"]] for s in samples[: cfg.sample_completions]], step)
+        logger.table(
+            "samples",
+            ["prompt", "completion", "reward", "answer"],
+            [[s["prompt"], s["completion"], s["reward"], s["answer"]] for s in samples[: cfg.sample_completions]],
+            step,
+        )
         last = step == cfg.max_steps
         if last or (cfg.eval_every and step % cfg.eval_every == 0):
             record_evaluation(run, loop, logger, report, step, "final" if last else f"step {step}")
@@ -115,12 +153,20 @@ def run_loop(run, loop, logger: RunLogger, report: Report, start_step: int, run_
 def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, label: str) -> None:
     started = time.perf_counter()
     task_evaluate = getattr(run.task, "evaluate", None)  # e.g. preference tasks: held-out pair accuracy
-    result = task_evaluate(run, loop) if task_evaluate else evaluate(run, loop.engine.module, run.cfg.algo.sampling.max_new_tokens)
+    result = (
+        task_evaluate(run, loop)
+        if task_evaluate
+        else evaluate(run, loop.engine.module, run.cfg.algo.sampling.max_new_tokens)
+    )
     numbers = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     numbers["time/eval"] = time.perf_counter() - started
     logger.log(numbers, step)
-    logger.table("eval_samples", ["prompt", "completion", "answer", "correct"],
-                 [[s["prompt"], s["completion"], s["answer"], s["correct"]] for s in result["samples"]], step)
+    logger.table(
+        "eval_samples",
+        ["prompt", "completion", "answer", "correct"],
+        [[s["prompt"], s["completion"], s["answer"], s["correct"]] for s in result["samples"]],
+        step,
+    )
     if is_main_process():
         report.add(step, label, result)
         report.summary.update(peak_memory())
@@ -136,12 +182,20 @@ def warm_start(run, base_dir: str) -> str:
     ws = run.cfg.model.warmstart
     model, run.tokenizer = load_model(run, base_dir)
     loop = SFTLoop(run, model, lr=ws.lr, batch_size_global=ws.batch_size_global, max_steps=ws.steps)
-    bar = tqdm(range(1, ws.steps + 1), desc="warm start (SFT)", disable=not (is_main_process() and run.cfg.logger.progress_bar))
+    bar = tqdm(
+        range(1, ws.steps + 1), desc="warm start (SFT)", disable=not (is_main_process() and run.cfg.logger.progress_bar)
+    )
     for step in bar:
         metrics, _ = loop.step(step, PhaseTimer())
         bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
     state_dict = full_state_dict(loop.engine)
     if is_main_process():
-        save_atomically(directory, lambda tmp: (loop.engine.module.save_pretrained(tmp, state_dict=state_dict), run.tokenizer.save_pretrained(tmp)))
+        save_atomically(
+            directory,
+            lambda tmp: (
+                loop.engine.module.save_pretrained(tmp, state_dict=state_dict),
+                run.tokenizer.save_pretrained(tmp),
+            ),
+        )
     barrier()
     return directory

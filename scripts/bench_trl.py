@@ -16,6 +16,7 @@ Writes ``bench.json`` (every timed step and the summary) and ``bench.md`` into `
 On a machine shared with other jobs pass ``--threads 1``: OpenMP threads that wait on each other
 under contention make steps up to 100x slower and the numbers meaningless.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,7 +69,9 @@ def make_work_dir(size: str, work: str) -> dict:
     from rlkit.tasks.arith import ArithTask
 
     arith = ArithTask(OmegaConf.create({"name": "arith", "options": {}, "max_train_rows": None})).split("train")
-    corpus = (f"{row['question']}\n{row['solution']}" for row in arith.select(range(5000)))  # as `rlkit train` builds it
+    corpus = (
+        f"{row['question']}\n{row['solution']}" for row in arith.select(range(5000))
+    )  # as `rlkit train` builds it
     arch = SimpleNamespace(**SIZES[size], vocab_size=512, max_position_embeddings=512)
     model, tokenizer = build_tiny_model(arch, corpus, SEED)
     tokenizer.pad_token = tokenizer.eos_token
@@ -87,11 +90,21 @@ def make_work_dir(size: str, work: str) -> dict:
     data_dir = os.path.join(work, size, "data")
     os.makedirs(data_dir, exist_ok=True)
     for path, records in [(os.path.join(work, size, "prompts.jsonl"), rows)] + [
-            (os.path.join(data_dir, f"{split}.jsonl"), [{"question": r["prompt"], "answer": f"#### {r['answer']}"} for r in rows]) for split in ("train", "test")]:
+        (
+            os.path.join(data_dir, f"{split}.jsonl"),
+            [{"question": r["prompt"], "answer": f"#### {r['answer']}"} for r in rows],
+        )
+        for split in ("train", "test")
+    ]:
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
     params = sum(p.numel() for p in model.parameters())
-    return {"model_dir": model_dir, "data_dir": data_dir, "arch": {**SIZES[size], "vocab_size": len(tokenizer)}, "params": params}
+    return {
+        "model_dir": model_dir,
+        "data_dir": data_dir,
+        "arch": {**SIZES[size], "vocab_size": len(tokenizer)},
+        "params": params,
+    }
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -136,13 +149,39 @@ def worker_trl(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, TORCH_DTYPES[a.dtype]))
     clock, steps = PhaseClock(), []
     config = GRPOConfig(
-        output_dir=a.run_dir, max_steps=a.warmup + a.steps, per_device_train_batch_size=ROWS, num_generations=GROUP,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, max_completion_length=NEW_TOKENS,
-        generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
-        loss_type="grpo", epsilon=0.2, learning_rate=LR, adam_beta1=BETAS[0], adam_beta2=BETAS[1], weight_decay=WEIGHT_DECAY,
-        max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch_fused", lr_scheduler_type="constant", warmup_steps=0, bf16=a.dtype == "bf16",
-        activation_checkpointing=False, use_cpu=True, seed=SEED, logging_steps=a.warmup + a.steps + 1, save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0)
+        output_dir=a.run_dir,
+        max_steps=a.warmup + a.steps,
+        per_device_train_batch_size=ROWS,
+        num_generations=GROUP,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_iterations=1,
+        max_completion_length=NEW_TOKENS,
+        generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        loss_type="grpo",
+        epsilon=0.2,
+        learning_rate=LR,
+        adam_beta1=BETAS[0],
+        adam_beta2=BETAS[1],
+        weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM,
+        optim="adamw_torch_fused",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=a.dtype == "bf16",
+        activation_checkpointing=False,
+        use_cpu=True,
+        seed=SEED,
+        logging_steps=a.warmup + a.steps + 1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -152,17 +191,38 @@ def worker_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             now, t = time.perf_counter(), clock.seconds
             rest = t["score"] - t["rollout"] - t["reward"] - t["log_probs"]
-            steps.append({"step_s": now - self.start, "rollout": t["rollout"], "generate": t["generate"], "reward": t["reward"],
-                          "log_probs": t["log_probs"], "advantages": rest, "forward": t["forward"], "backward": t["backward"],
-                          "optimizer": now - clock.ended["training_step"], **clock.info})
+            steps.append(
+                {
+                    "step_s": now - self.start,
+                    "rollout": t["rollout"],
+                    "generate": t["generate"],
+                    "reward": t["reward"],
+                    "log_probs": t["log_probs"],
+                    "advantages": rest,
+                    "forward": t["forward"],
+                    "backward": t["backward"],
+                    "optimizer": now - clock.ended["training_step"],
+                    **clock.info,
+                }
+            )
             steps[-1]["update"] = steps[-1]["forward"] + steps[-1]["backward"] + steps[-1]["optimizer"]
 
     def count_tokens(batch):
-        clock.info = {"prompt_tokens": int(batch["prompt_mask"].sum()), "completion_tokens": int(batch["completion_mask"].sum()),
-                      "eos_sampled": int((batch["completion_ids"] == tokenizer.eos_token_id).sum())}
+        clock.info = {
+            "prompt_tokens": int(batch["prompt_mask"].sum()),
+            "completion_tokens": int(batch["completion_mask"].sum()),
+            "eos_sampled": int((batch["completion_ids"] == tokenizer.eos_token_id).sum()),
+        }
 
     data = Dataset.from_list(read_jsonl(a.prompts))
-    trainer = GRPOTrainer(model=model, reward_funcs=digit_reward, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=digit_reward,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
     clock.wrap(trainer.model, "generate", "generate")
     clock.wrap(trainer, "_generate", "rollout")
     clock.wrap(trainer, "_calculate_rewards", "reward")
@@ -175,9 +235,15 @@ def worker_trl(a) -> dict:
     for s in steps:
         s["tokens"] = s["prompt_tokens"] + s["completion_tokens"]
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    checks = {"optimizer": type(optimizer).__name__, "activation_checkpointing": trainer.model.is_activation_checkpointing,
-              **{k: sorted({str(g.get(k)) for g in optimizer.param_groups}) for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused")}}
-    return {"steps": steps[a.warmup:], "checks": checks}
+    checks = {
+        "optimizer": type(optimizer).__name__,
+        "activation_checkpointing": trainer.model.is_activation_checkpointing,
+        **{
+            k: sorted({str(g.get(k)) for g in optimizer.param_groups})
+            for k in ("lr", "betas", "eps", "weight_decay", "foreach", "fused")
+        },
+    }
+    return {"steps": steps[a.warmup :], "checks": checks}
 
 
 def worker_generate(a) -> dict:
@@ -191,34 +257,79 @@ def worker_generate(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, TORCH_DTYPES[a.dtype])).eval()
     prompts = [r["prompt"] for r in read_jsonl(a.prompts)]
     ids = tokenizer(prompts, return_tensors="pt", add_special_tokens=False).input_ids.repeat_interleave(GROUP, 0)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, disable_compile=True)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        disable_compile=True,
+    )
     steps = []
     for _ in range(a.warmup + a.steps):
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         seconds = time.perf_counter() - start
-        new = out[:, ids.shape[1]:]
-        steps.append({"step_s": seconds, "rollout": seconds, "tokens": out.numel(), "prompt_tokens": ids.numel(),
-                      "completion_tokens": new.numel(), "eos_sampled": int((new == tokenizer.eos_token_id).sum())})
-    return {"steps": steps[a.warmup:]}
+        new = out[:, ids.shape[1] :]
+        steps.append(
+            {
+                "step_s": seconds,
+                "rollout": seconds,
+                "tokens": out.numel(),
+                "prompt_tokens": ids.numel(),
+                "completion_tokens": new.numel(),
+                "eos_sampled": int((new == tokenizer.eos_token_id).sum()),
+            }
+        )
+    return {"steps": steps[a.warmup :]}
 
 
 def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
     """``rlkit train`` on the same job: the gsm8k task reading the prompts file verbatim (template
     ``{question}``, no chat template), ``reward.fn`` = this module's :func:`digit_reward`."""
     overrides = [
-        "algo=grpo", "model=hf", f"model.name_or_path={work['model_dir']}", "model.warmstart.steps=0",
-        "task=gsm8k", f"task.path={work['data_dir']}", "task.prompt_template='{question}'", "task.use_chat_template=false",
-        f"reward.fn={os.path.splitext(os.path.basename(__file__))[0]}:digit_reward", "algo.kl.coef=0",
-        f"algo.group_size={GROUP}", "algo.update_epochs=1", "algo.minibatches=1", f"algo.lr={LR}", f"algo.adam_betas=[{BETAS[0]},{BETAS[1]}]",
-        f"algo.weight_decay={WEIGHT_DECAY}", f"algo.max_grad_norm={MAX_GRAD_NORM}", "algo.lr_schedule=constant", "algo.warmup_steps=0",
-        "algo.sampling.temperature=1.0", "algo.sampling.top_p=1.0", f"algo.sampling.max_new_tokens={NEW_TOKENS}",
+        "algo=grpo",
+        "model=hf",
+        f"model.name_or_path={work['model_dir']}",
+        "model.warmstart.steps=0",
+        "task=gsm8k",
+        f"task.path={work['data_dir']}",
+        "task.prompt_template='{question}'",
+        "task.use_chat_template=false",
+        f"reward.fn={os.path.splitext(os.path.basename(__file__))[0]}:digit_reward",
+        "algo.kl.coef=0",
+        f"algo.group_size={GROUP}",
+        "algo.update_epochs=1",
+        "algo.minibatches=1",
+        f"algo.lr={LR}",
+        f"algo.adam_betas=[{BETAS[0]},{BETAS[1]}]",
+        f"algo.weight_decay={WEIGHT_DECAY}",
+        f"algo.max_grad_norm={MAX_GRAD_NORM}",
+        "algo.lr_schedule=constant",
+        "algo.warmup_steps=0",
+        "algo.sampling.temperature=1.0",
+        "algo.sampling.top_p=1.0",
+        f"algo.sampling.max_new_tokens={NEW_TOKENS}",
         f"algo.sampling.min_new_tokens={NEW_TOKENS}",
-        f"trainer.max_steps={a.warmup + a.steps}", f"trainer.prompts_per_step_global={PROMPTS}", f"trainer.micro_batch_per_device={ROWS}",
-        "trainer.eval_every=0", "trainer.save_every=0", "eval.num_examples=1", "eval.pass_k=0", "logger.mode=disabled",
-        "logger.progress_bar=false", f"hardware.dtype={TORCH_DTYPES[a.dtype]}", "hardware.fused_optimizer=true", f"seed={SEED}", "resume=never", "run_name=bench",
-        f"hydra.run.dir={run_dir}", *extra,
+        f"trainer.max_steps={a.warmup + a.steps}",
+        f"trainer.prompts_per_step_global={PROMPTS}",
+        f"trainer.micro_batch_per_device={ROWS}",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "eval.num_examples=1",
+        "eval.pass_k=0",
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        f"hardware.dtype={TORCH_DTYPES[a.dtype]}",
+        "hardware.fused_optimizer=true",
+        f"seed={SEED}",
+        "resume=never",
+        "run_name=bench",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
     return [sys.executable, "-m", "rlkit.cli", "train", *overrides]
 
@@ -228,10 +339,17 @@ def rlkit_steps(run_dir: str, warmup: int) -> list[dict]:
     steps = []
     for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")):
         if "time/step" in m and m["step"] > warmup:
-            steps.append({"step_s": m["time/step"], **{p: m.get(f"time/{p}", 0.0) for p in PHASES},
-                          "tokens": round(m["throughput/tokens_per_s"] * m["time/step"]), "completion_tokens": m["response/length_mean"] * ROWS,
-                          "eos_sampled": round((1 - m["response/truncated_frac"]) * ROWS), "reward_mean": m["reward/mean"],
-                          "trained_rows": round(ROWS * (1 - m.get("actor/skipped_zero_advantage_frac", 0.0)))})
+            steps.append(
+                {
+                    "step_s": m["time/step"],
+                    **{p: m.get(f"time/{p}", 0.0) for p in PHASES},
+                    "tokens": round(m["throughput/tokens_per_s"] * m["time/step"]),
+                    "completion_tokens": m["response/length_mean"] * ROWS,
+                    "eos_sampled": round((1 - m["response/truncated_frac"]) * ROWS),
+                    "reward_mean": m["reward/mean"],
+                    "trained_rows": round(ROWS * (1 - m.get("actor/skipped_zero_advantage_frac", 0.0))),
+                }
+            )
     return steps
 
 
@@ -241,10 +359,27 @@ def rlkit_checks(run_dir: str) -> dict:
 
     cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
     algo = cfg["algo"]
-    keys = ("lr", "adam_betas", "weight_decay", "max_grad_norm", "lr_schedule", "update_epochs", "minibatches", "group_size", "loss_agg")
-    return {**{k: algo[k] for k in keys}, "kl_coef": algo["kl"]["coef"], "sampling": algo["sampling"], "dtype": cfg["model"]["dtype"],
-            "warmstart_steps": cfg["model"]["warmstart"]["steps"], "warmstart_ran": os.path.isdir(os.path.join(run_dir, "warmstart")),
-            "gradient_checkpointing": cfg["model"]["gradient_checkpointing"], "fused_optimizer": cfg["hardware"]["fused_optimizer"]}
+    keys = (
+        "lr",
+        "adam_betas",
+        "weight_decay",
+        "max_grad_norm",
+        "lr_schedule",
+        "update_epochs",
+        "minibatches",
+        "group_size",
+        "loss_agg",
+    )
+    return {
+        **{k: algo[k] for k in keys},
+        "kl_coef": algo["kl"]["coef"],
+        "sampling": algo["sampling"],
+        "dtype": cfg["model"]["dtype"],
+        "warmstart_steps": cfg["model"]["warmstart"]["steps"],
+        "warmstart_ran": os.path.isdir(os.path.join(run_dir, "warmstart")),
+        "gradient_checkpointing": cfg["model"]["gradient_checkpointing"],
+        "fused_optimizer": cfg["hardware"]["fused_optimizer"],
+    }
 
 
 def run_subprocess(cmd: list[str], log_path: str, env: dict) -> tuple[int, float, float]:
@@ -263,9 +398,27 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     result = os.path.join(run_dir, "result.json")
-    common = ["--model-dir", work["model_dir"], "--prompts", os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"),
-              "--run-dir", run_dir, "--result", result, "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", a.dtype]
-    cmd = rlkit_command(a, run_dir, work, RLKIT_SYSTEMS[system]) if system in RLKIT_SYSTEMS else [sys.executable, os.path.abspath(__file__), "--worker", system, *common]
+    common = [
+        "--model-dir",
+        work["model_dir"],
+        "--prompts",
+        os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"),
+        "--run-dir",
+        run_dir,
+        "--result",
+        result,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--dtype",
+        a.dtype,
+    ]
+    cmd = (
+        rlkit_command(a, run_dir, work, RLKIT_SYSTEMS[system])
+        if system in RLKIT_SYSTEMS
+        else [sys.executable, os.path.abspath(__file__), "--worker", system, *common]
+    )
     code, rss, wall = run_subprocess(cmd, os.path.join(run_dir, "log.txt"), env)
     if code:
         sys.exit(f"{system} ({size}, repeat {repeat}) failed with exit code {code}: see {run_dir}/log.txt")
@@ -276,8 +429,11 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
         with open(result) as f:
             worker = json.load(f)
         steps, checks = worker["steps"], {**worker.get("checks", {}), "self_peak_rss_mib": worker["self_peak_rss_mib"]}
-    print(f"  {size} {system:8s} repeat {repeat}: median {statistics.median(s['step_s'] for s in steps):.3f} s/step, "
-          f"peak RSS {rss:.0f} MiB, wall {wall:.0f} s", flush=True)
+    print(
+        f"  {size} {system:8s} repeat {repeat}: median {statistics.median(s['step_s'] for s in steps):.3f} s/step, "
+        f"peak RSS {rss:.0f} MiB, wall {wall:.0f} s",
+        flush=True,
+    )
     return {"system": system, "repeat": repeat, "peak_rss_mib": rss, "wall_s": wall, "checks": checks, "steps": steps}
 
 
@@ -288,8 +444,11 @@ def cpu_description() -> str:
 
     from rlkit.models.onednn_linear import onednn_dtypes
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None) \
-        if os.path.exists("/proc/cpuinfo") else None
+    model = (
+        next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
+        if os.path.exists("/proc/cpuinfo")
+        else None
+    )
     bf16 = ", native bf16" if torch.bfloat16 in onednn_dtypes() else ""
     return f"{model or platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}{bf16}) x{os.cpu_count()}"
 
@@ -314,11 +473,17 @@ def matmul_flops_per_s(m: int, k: int, n: int, dtype: str, backend: str) -> floa
 
     x, y = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
     statement = {"torch": "x @ y", "onednn": "onednn_matmul(x, w)"}[backend]
-    timer = Timer(statement, globals={"x": x, "y": y, "w": y.t().contiguous(), "onednn_matmul": onednn_matmul}, num_threads=torch.get_num_threads())
+    timer = Timer(
+        statement,
+        globals={"x": x, "y": y, "w": y.t().contiguous(), "onednn_matmul": onednn_matmul},
+        num_threads=torch.get_num_threads(),
+    )
     return 2 * m * k * n / timer.blocked_autorange(min_run_time=1.0).median
 
 
-def update_flops(arch: dict, rows: int = ROWS, share_prompts: bool = True, prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS) -> dict:
+def update_flops(
+    arch: dict, rows: int = ROWS, share_prompts: bool = True, prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS
+) -> dict:
     """FLOPs of one update's forward + backward (backward = 2x forward) over ``rows`` completions for a
     Llama of ``arch`` (multi-head attention: as many KV heads as heads); 2 FLOPs per multiply-add.
 
@@ -336,14 +501,26 @@ def update_flops(arch: dict, rows: int = ROWS, share_prompts: bool = True, promp
     prompt_copies = -(-rows // GROUP) if share_prompts else rows
     tokens_in = prompt_copies * prompt_len + rows * (new_tokens - 1)
     keys = prompt_copies * sum(range(1, prompt_len + 1)) + rows * sum(range(prompt_len + 1, prompt_len + new_tokens))
-    parts = {"matmul": 6 * n_params * tokens_in, "lm_head": 6 * d * V * rows * new_tokens, "attention": 12 * d * L * keys}
+    parts = {
+        "matmul": 6 * n_params * tokens_in,
+        "lm_head": 6 * d * V * rows * new_tokens,
+        "attention": 12 * d * L * keys,
+    }
     return {"non_embedding_params": n_params, "tokens_in": tokens_in, **parts, "total": sum(parts.values())}
 
 
 def spread(values: list[float]) -> dict:
     """median, min, max and interquartile range."""
     q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q1, "q3": q3, "iqr": q3 - q1, "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "n": len(values),
+    }
 
 
 def step_update_flops(system: str, step: dict, arch: dict) -> float:
@@ -359,54 +536,87 @@ def summarize(runs: list[dict], arch: dict, peak: float) -> dict:
     for system in dict.fromkeys(r["system"] for r in runs):
         steps = [s for r in runs if r["system"] == system for s in r["steps"]]
         med = lambda key: statistics.median(s.get(key, 0.0) for s in steps)  # noqa: E731
-        phases = {p: med(p) for p in PHASES + ("generate", "forward", "backward", "optimizer") if any(p in s for s in steps)}
-        out[system] = {"step_s": spread([s["step_s"] for s in steps]), "tokens_per_s": spread([s["tokens"] / s["step_s"] for s in steps]),
-                       "phases_s": phases, "other_s": statistics.median(s["step_s"] - sum(s.get(p, 0.0) for p in PHASES) for s in steps),
-                       "rollout_tokens_per_s": statistics.median(s["tokens"] / s["rollout"] for s in steps),
-                       "peak_rss_mib": max(r["peak_rss_mib"] for r in runs if r["system"] == system),
-                       "exact_tokens": all(s["tokens"] == STEP_TOKENS and s["eos_sampled"] == 0 for s in steps)}
+        phases = {
+            p: med(p) for p in PHASES + ("generate", "forward", "backward", "optimizer") if any(p in s for s in steps)
+        }
+        out[system] = {
+            "step_s": spread([s["step_s"] for s in steps]),
+            "tokens_per_s": spread([s["tokens"] / s["step_s"] for s in steps]),
+            "phases_s": phases,
+            "other_s": statistics.median(s["step_s"] - sum(s.get(p, 0.0) for p in PHASES) for s in steps),
+            "rollout_tokens_per_s": statistics.median(s["tokens"] / s["rollout"] for s in steps),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs if r["system"] == system),
+            "exact_tokens": all(s["tokens"] == STEP_TOKENS and s["eos_sampled"] == 0 for s in steps),
+        }
         if phases.get("update"):
             out[system]["trained_rows"] = med("trained_rows") if system in RLKIT_SYSTEMS else ROWS
-            out[system]["update_flops_per_s"] = statistics.median(step_update_flops(system, s, arch) / s["update"] for s in steps)
+            out[system]["update_flops_per_s"] = statistics.median(
+                step_update_flops(system, s, arch) / s["update"] for s in steps
+            )
             out[system]["update_frac_of_peak"] = out[system]["update_flops_per_s"] / peak
     ratios = {}
     for system in RLKIT_SYSTEMS:
         if system in out and "trl" in out:
-            ratios[f"{system}/trl tokens_per_s"] = out[system]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
+            ratios[f"{system}/trl tokens_per_s"] = (
+                out[system]["tokens_per_s"]["median"] / out["trl"]["tokens_per_s"]["median"]
+            )
     for system in (*RLKIT_SYSTEMS, "trl"):
         if system in out and "generate" in out:
-            ratios[f"{system} rollout / bare generate tokens_per_s"] = out[system]["rollout_tokens_per_s"] / out["generate"]["rollout_tokens_per_s"]
+            ratios[f"{system} rollout / bare generate tokens_per_s"] = (
+                out[system]["rollout_tokens_per_s"] / out["generate"]["rollout_tokens_per_s"]
+            )
     return {"systems": out, "ratios": ratios}
 
 
 def markdown(report: dict) -> str:
     """The tables of bench.md, one section per model size."""
     c = report["config"]
-    lines = [f"# rlkit vs TRL {report['env']['trl']}: GRPO step time", "",
-             f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new tokens, {c['dtype']}, "
-             f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {report['env']['threads']} threads on "
-             f"{report['env']['cpu']}. Spread: [min-max], IQR. Phases: medians in s.", ""]
+    lines = [
+        f"# rlkit vs TRL {report['env']['trl']}: GRPO step time",
+        "",
+        f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new tokens, {c['dtype']}, "
+        f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {report['env']['threads']} threads on "
+        f"{report['env']['cpu']}. Spread: [min-max], IQR. Phases: medians in s.",
+        "",
+    ]
     for size, r in report["sizes"].items():
         s, fl = r["summary"]["systems"], r["update_flops"]
-        lines += [f"## {size}: d={r['arch']['hidden_size']}, {r['arch']['num_layers']} layers, {r['arch']['num_heads']} heads, "
-                  f"MLP {r['arch']['intermediate_size']}, vocab {r['arch']['vocab_size']} ({fl['non_embedding_params'] / 1e6:.2f}M non-embedding)", "",
-                  "| system | s/step median [min-max] IQR | tokens/s median [min-max] | rollout | reward | log-probs | advantages | update | other | peak RSS MiB | exact tokens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {size}: d={r['arch']['hidden_size']}, {r['arch']['num_layers']} layers, {r['arch']['num_heads']} heads, "
+            f"MLP {r['arch']['intermediate_size']}, vocab {r['arch']['vocab_size']} ({fl['non_embedding_params'] / 1e6:.2f}M non-embedding)",
+            "",
+            "| system | s/step median [min-max] IQR | tokens/s median [min-max] | rollout | reward | log-probs | advantages | update | other | peak RSS MiB | exact tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, x in s.items():
             st, tk, ph = x["step_s"], x["tokens_per_s"], x["phases_s"]
-            lines.append(f"| {name} | {st['median']:.3f} [{st['min']:.3f}-{st['max']:.3f}] {st['iqr']:.3f} | {tk['median']:.0f} [{tk['min']:.0f}-{tk['max']:.0f}] | "
-                         + " | ".join(f"{ph[p]:.3f}" if p in ph else "-" for p in PHASES) + f" | {x['other_s']:.3f} | {x['peak_rss_mib']:.0f} | {x['exact_tokens']} |")
-        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in r["summary"]["ratios"].items()]
-        lines += ["", f"Update FLOPs of all {ROWS} rows: {fl['total'] / 1e9:.3f} G with one prompt pass per group (matmul {fl['matmul'] / 1e9:.3f}, "
-                  f"lm_head {fl['lm_head'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}); {r['update_flops_full_rows']['total'] / 1e9:.3f} G if every row "
-                  "recomputes its prompt (TRL). rlkit's per step: those of the rows it trains (responses with all-zero advantages are skipped). "
-                  "Matmul peak (median of one measurement before each repeat): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r["matmul"].items()) + ".", "",
-                  "| system | update s (forward / backward / optimizer) | rows trained | GFLOP/s computed | fraction of peak |", "|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {st['median']:.3f} [{st['min']:.3f}-{st['max']:.3f}] {st['iqr']:.3f} | {tk['median']:.0f} [{tk['min']:.0f}-{tk['max']:.0f}] | "
+                + " | ".join(f"{ph[p]:.3f}" if p in ph else "-" for p in PHASES)
+                + f" | {x['other_s']:.3f} | {x['peak_rss_mib']:.0f} | {x['exact_tokens']} |"
+            )
+        lines += ["", "| ratio | value |", "|---|---|"] + [
+            f"| {k} | {v:.2f} |" for k, v in r["summary"]["ratios"].items()
+        ]
+        lines += [
+            "",
+            f"Update FLOPs of all {ROWS} rows: {fl['total'] / 1e9:.3f} G with one prompt pass per group (matmul {fl['matmul'] / 1e9:.3f}, "
+            f"lm_head {fl['lm_head'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}); {r['update_flops_full_rows']['total'] / 1e9:.3f} G if every row "
+            "recomputes its prompt (TRL). rlkit's per step: those of the rows it trains (responses with all-zero advantages are skipped). "
+            "Matmul peak (median of one measurement before each repeat): "
+            + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r["matmul"].items())
+            + ".",
+            "",
+            "| system | update s (forward / backward / optimizer) | rows trained | GFLOP/s computed | fraction of peak |",
+            "|---|---|---|---|---|",
+        ]
         for n, x in s.items():
             if "update_flops_per_s" in x:
                 ph = x["phases_s"]
                 sub = " / ".join(f"{ph[k]:.3f}" if k in ph else "-" for k in ("forward", "backward", "optimizer"))
-                lines.append(f"| {n} | {ph['update']:.3f} ({sub}) | {x['trained_rows']:.0f} | {x['update_flops_per_s'] / 1e9:.2f} | {x['update_frac_of_peak']:.1%} |")
+                lines.append(
+                    f"| {n} | {ph['update']:.3f} ({sub}) | {x['trained_rows']:.0f} | {x['update_flops_per_s'] / 1e9:.2f} | {x['update_frac_of_peak']:.1%} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -417,11 +627,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--systems", default=",".join([*RLKIT_SYSTEMS, "trl", "generate"]), help="run in this order within each repeat")
+    p.add_argument(
+        "--systems", default=",".join([*RLKIT_SYSTEMS, "trl", "generate"]), help="run in this order within each repeat"
+    )
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every process (default: torch's)")
     p.add_argument("--out", default="/tmp/rlkit_bench")
-    p.add_argument("--work", default="/tmp/rlkit_bench_work", help="where the seeded models and prompts are saved (rebuilt identically every run)")
+    p.add_argument(
+        "--work",
+        default="/tmp/rlkit_bench_work",
+        help="where the seeded models and prompts are saved (rebuilt identically every run)",
+    )
     p.add_argument("--worker", choices=("trl", "generate"), help=argparse.SUPPRESS)
     for flag in ("--model-dir", "--prompts", "--run-dir", "--result"):
         p.add_argument(flag, help=argparse.SUPPRESS)
@@ -437,33 +653,76 @@ def main() -> None:
     import trl
 
     a.out = os.path.abspath(a.out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "DS_ACCELERATOR": "cpu",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")])
+        ),
+    }
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         torch.set_num_threads(a.threads)
-    git = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    report = {"config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")} | {
-                  "prompts": PROMPTS, "group": GROUP, "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "lr": LR, "betas": BETAS,
-                  "weight_decay": WEIGHT_DECAY, "max_grad_norm": MAX_GRAD_NORM},
-              "env": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version(),
-                      "cpu": cpu_description(), "threads": torch.get_num_threads(), "rlkit_git": git.stdout.strip()},
-              "sizes": {}}
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    report = {
+        "config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
+        | {
+            "prompts": PROMPTS,
+            "group": GROUP,
+            "prompt_len": PROMPT_LEN,
+            "new_tokens": NEW_TOKENS,
+            "lr": LR,
+            "betas": BETAS,
+            "weight_decay": WEIGHT_DECAY,
+            "max_grad_norm": MAX_GRAD_NORM,
+        },
+        "env": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "python": platform.python_version(),
+            "cpu": cpu_description(),
+            "threads": torch.get_num_threads(),
+            "rlkit_git": git.stdout.strip(),
+        },
+        "sizes": {},
+    }
     for size in a.sizes.split(","):
         work = make_work_dir(size, a.work)
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
-        measure = lambda: {f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend) for dt in dtypes for backend in MATMUL_BACKENDS  # noqa: E731
-                           for shape, dims in peak_shapes(work["arch"]).items()}
+        measure = lambda: {
+            f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend)
+            for dt in dtypes
+            for backend in MATMUL_BACKENDS  # noqa: E731
+            for shape, dims in peak_shapes(work["arch"]).items()
+        }
         runs, measured = [], []
-        for repeat in range(a.repeats):  # the matmul peak is measured before every repeat, as noisy as the steps around it
+        for repeat in range(
+            a.repeats
+        ):  # the matmul peak is measured before every repeat, as noisy as the steps around it
             measured.append(measure())
             runs += [run_one(a, system, size, repeat, work, env) for system in a.systems.split(",")]
         matmul = {key: statistics.median(m[key] for m in measured) for key in measured[0]}
         peak = max(v for k, v in matmul.items() if k.startswith(TORCH_DTYPES[a.dtype]))
-        report["sizes"][size] = {"arch": work["arch"], "params": work["params"], "update_flops": update_flops(work["arch"]), "matmul": matmul,
-                                 "matmul_per_repeat": measured,
-                                 "update_flops_full_rows": update_flops(work["arch"], share_prompts=False),
-                                 "summary": summarize(runs, work["arch"], peak), "runs": runs}
+        report["sizes"][size] = {
+            "arch": work["arch"],
+            "params": work["params"],
+            "update_flops": update_flops(work["arch"]),
+            "matmul": matmul,
+            "matmul_per_repeat": measured,
+            "update_flops_full_rows": update_flops(work["arch"], share_prompts=False),
+            "summary": summarize(runs, work["arch"], peak),
+            "runs": runs,
+        }
         with open(os.path.join(a.out, "bench.json"), "w") as f:
             json.dump(report, f, indent=1)
         with open(os.path.join(a.out, "bench.md"), "w") as f:

@@ -9,6 +9,7 @@ from that seed's warm start, trained once; then ``rlkit compare`` writes the tab
 Positional overrides after OUT_DIR apply to every run. A configuration is a space-separated set
 of overrides. Rerunning the same command skips finished runs, so an interrupted sweep resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,14 +19,34 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ZOO = ["algo=grpo", "algo=dr_grpo", "algo=dapo", "algo=rloo", "algo=reinforce_pp", "algo=remax", "algo=ppo",
-       "algo=gspo", "algo=vineppo", "algo=tppo", "algo=nlpo", "algo=p3o", "algo=copg"]
+ZOO = [
+    "algo=grpo",
+    "algo=dr_grpo",
+    "algo=dapo",
+    "algo=rloo",
+    "algo=reinforce_pp",
+    "algo=remax",
+    "algo=ppo",
+    "algo=gspo",
+    "algo=vineppo",
+    "algo=tppo",
+    "algo=nlpo",
+    "algo=p3o",
+    "algo=copg",
+]
 
 
 def train(overrides: list[str], run_dir: Path, threads: int) -> bool:
     """One ``rlkit train`` process; its output goes to ``<run_dir>.log``. True if it succeeded."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    command = ["rlkit", "train", *overrides, "logger.mode=disabled", "logger.progress_bar=false", f"hydra.run.dir={run_dir}"]
+    command = [
+        "rlkit",
+        "train",
+        *overrides,
+        "logger.mode=disabled",
+        "logger.progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(f"{run_dir}.log", "w") as log:
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode == 0
@@ -35,7 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("overrides", nargs="*", help="overrides for every run")
-    parser.add_argument("--configs", nargs="+", default=ZOO, help="one configuration per argument (default: the policy-gradient zoo)")
+    parser.add_argument(
+        "--configs", nargs="+", default=ZOO, help="one configuration per argument (default: the policy-gradient zoo)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time; the CPU threads are split between them")
     args = parser.parse_intermixed_args()
@@ -43,11 +66,15 @@ def main() -> None:
     warm = args.out.with_name(args.out.name + ".warmstart")  # outside OUT: rlkit compare counts every run under OUT
 
     def warm_start(seed: int) -> None:
-        if not (warm / f"seed{seed}" / "warmstart" / "config.json").is_file():  # max_steps=0: warm start + its evaluation only
+        if not (
+            warm / f"seed{seed}" / "warmstart" / "config.json"
+        ).is_file():  # max_steps=0: warm start + its evaluation only
             train([f"seed={seed}", *args.overrides, "trainer.max_steps=0"], warm / f"seed{seed}", threads)
 
     def run(seed: int, config: str) -> str:
-        run_dir = args.out / f"{'__'.join(config.split())}__seed{seed}".replace("=", "-").replace("/", "_").replace(",", "+")  # no = or , : Hydra parses hydra.run.dir
+        run_dir = args.out / f"{'__'.join(config.split())}__seed{seed}".replace("=", "-").replace("/", "_").replace(
+            ",", "+"
+        )  # no = or , : Hydra parses hydra.run.dir
         if (run_dir / "report.json").is_file():
             return f"done earlier: {run_dir}"
         for part in ("initial_model", "warmstart"):

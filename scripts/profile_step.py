@@ -9,6 +9,7 @@ the shared KV cache), and (2) the update's forward + backward, ``token_log_probs
 per group, each after a warm-up call, and writes the operators that take the most time per phase,
 then the update's products' achieved FLOP/s against the matmul peak measured in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,9 +24,17 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_trl import (  # noqa: E402
-    GROUP, MATMUL_BACKENDS, NEW_TOKENS, PROMPTS, SIZES, cpu_description, make_work_dir, matmul_flops_per_s, peak_shapes, read_jsonl,
+    GROUP,
+    MATMUL_BACKENDS,
+    NEW_TOKENS,
+    PROMPTS,
+    SIZES,
+    cpu_description,
+    make_work_dir,
+    matmul_flops_per_s,
+    peak_shapes,
+    read_jsonl,
 )
-
 
 # the operators that compute the linear layers' products (oneDNN's, or torch's BLAS: with and without bias)
 PRODUCT_OPERATORS = ("mkldnn::_linear_pointwise", "aten::mm", "aten::addmm")
@@ -49,9 +58,11 @@ def products_summary(prof, peak: float, shapes: dict) -> str:
     flops = sum(product_flops(e) for e in events)
     seconds = sum(e.self_cpu_time_total for e in events) / 1e6
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
-    return (f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = {flops / seconds / 1e9:.1f} GFLOP/s, "
-            f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(shapes)} through "
-            f"{' and '.join(MATMUL_BACKENDS)}); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%}).")
+    return (
+        f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = {flops / seconds / 1e9:.1f} GFLOP/s, "
+        f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(shapes)} through "
+        f"{' and '.join(MATMUL_BACKENDS)}); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%})."
+    )
 
 
 def top_operators(prof, rows: int) -> list[tuple[str, float, float, int]]:
@@ -76,7 +87,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="25m")
     parser.add_argument("--work", default="/tmp/rlkit_profile")
-    parser.add_argument("--cpu-matmul", choices=("onednn", "torch"), default="onednn", help="as rlkit's hardware.cpu_matmul")
+    parser.add_argument(
+        "--cpu-matmul", choices=("onednn", "torch"), default="onednn", help="as rlkit's hardware.cpu_matmul"
+    )
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="as rlkit's hardware.dtype")
     parser.add_argument("--rows", type=int, default=8, help="operators listed per phase")
     parser.add_argument("--out", help="Markdown file to write (default: print)")
@@ -92,13 +105,21 @@ def main() -> None:
     work = make_work_dir(args.size, args.work)
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     # loaded as `rlkit train` loads it on CPU: oneDNN linear layers (hardware.cpu_matmul), eager attention in bf16
-    model = load_pretrained(work["model_dir"], SimpleNamespace(dtype=dtype, trust_remote_code=False, attn_implementation=None),
-                            SimpleNamespace(device="cpu", cpu_matmul=args.cpu_matmul, zero_stage=0, dtype=dtype))
+    model = load_pretrained(
+        work["model_dir"],
+        SimpleNamespace(dtype=dtype, trust_remote_code=False, attn_implementation=None),
+        SimpleNamespace(device="cpu", cpu_matmul=args.cpu_matmul, zero_stage=0, dtype=dtype),
+    )
     tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
     prompts = [row["prompt"] for row in read_jsonl(os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"))]
     ids = tokenizer(prompts, return_tensors="pt", add_special_tokens=False).input_ids
-    settings = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_samples=GROUP,
-                    max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    settings = dict(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_samples=GROUP,
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+    )
     rollout = sample(model, ids, torch.ones_like(ids), **settings)
     model.train()
 
@@ -107,16 +128,24 @@ def main() -> None:
         log_probs.sum().backward()
         model.zero_grad()
 
-    phases = {"rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
-              "update (forward + backward)": profiled(update)}
+    phases = {
+        "rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
+        "update (forward + backward)": profiled(update),
+    }
     shapes = peak_shapes(work["arch"])
     peak = max(matmul_flops_per_s(*dims, dtype, backend) for dims in shapes.values() for backend in MATMUL_BACKENDS)
-    lines = [f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
-             f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
-             f"{cpu_description()}", ""]
+    lines = [
+        f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
+        f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
+        f"{cpu_description()}",
+        "",
+    ]
     for phase, (seconds, prof) in phases.items():
         lines += [f"## {phase}: {seconds:.3f} s", "", "| operator | self CPU s | share | calls |", "|---|---|---|---|"]
-        lines += [f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |" for name, cpu, share, calls in top_operators(prof, args.rows)] + [""]
+        lines += [
+            f"| `{name}` | {cpu:.3f} | {share:.1%} | {calls} |"
+            for name, cpu, share, calls in top_operators(prof, args.rows)
+        ] + [""]
     lines += [products_summary(phases["update (forward + backward)"][1], peak, shapes), ""]
     text = "\n".join(lines)
     if args.out:

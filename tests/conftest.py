@@ -1,5 +1,6 @@
 """Shared helpers for the tests: running the real ``rlkit`` CLI in a subprocess
 with a fast, offline configuration, and reading what a run leaves on disk."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +15,12 @@ from pathlib import Path
 import pytest
 
 # Tests never touch the network: hub lookups fail fast, W&B stays off.
-for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("WANDB_MODE", "disabled"), ("DS_ACCELERATOR", "cpu")):
+for _key, _value in (
+    ("HF_HUB_OFFLINE", "1"),
+    ("HF_DATASETS_OFFLINE", "1"),
+    ("WANDB_MODE", "disabled"),
+    ("DS_ACCELERATOR", "cpu"),
+):
     os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +49,7 @@ FAST_OVERRIDES = (
 def fast_overrides(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
     """FAST_OVERRIDES with ``key=value`` changes applied (same key replaced, new keys
     appended) and the keys in ``drop`` left out (Hydra rejects a key given twice)."""
+
     def key(override: str) -> str:
         return override.partition("=")[0]
 
@@ -63,10 +70,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     """Offline, W&B off, DeepSpeed on CPU; one torch thread per run (the CPU is shared,
     and oversubscribed OpenMP threads make tiny models several times slower)."""
     env = dict(os.environ)
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "HYDRA_FULL_ERROR"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "HYDRA_FULL_ERROR",
+    ):
         env.pop(key, None)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        WANDB_MODE="disabled",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.update(extra)
     return env
 
@@ -83,7 +105,7 @@ class CliResult:
         tail = "\n".join((self.stdout + "\n" + self.stderr).strip().splitlines()[-lines:])
         return f"`rlkit {' '.join(self.args)}` exited {self.returncode} after {self.seconds:.0f}s; output tail:\n{tail}"
 
-    def check(self) -> "CliResult":
+    def check(self) -> CliResult:
         assert self.returncode == 0, self.describe()
         return self
 
@@ -91,7 +113,9 @@ class CliResult:
 def rlkit(args: list[str], cwd: Path, *, env: dict[str, str] | None = None, timeout: float = 600) -> CliResult:
     """Run ``rlkit <args>`` in ``cwd`` (so ``outputs/`` lands there) and capture it."""
     started = time.perf_counter()
-    done = subprocess.run([rlkit_executable(), *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [rlkit_executable(), *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
+    )
     return CliResult(list(args), done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
 
 

@@ -8,6 +8,7 @@ the rollouts of 1 process, and their rewards, gradient norms and parameters must
 
     torchrun --nproc_per_node N tests/distributed_probe.py DIR STAGE [STAGE ...]   (writes DIR/results.pt)
 """
+
 from __future__ import annotations
 
 import os
@@ -17,17 +18,31 @@ import torch
 
 STEPS = 3
 OVERRIDES = [
-    "run_name=probe", "task.options.train_size=64", "task.options.test_size=8", "trainer.prompts_per_step_global=4",
-    "algo.group_size=4", "algo.sampling.max_new_tokens=8", "algo.lr=3e-3", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64",
-    "trainer.micro_batch_per_device=4", "reward.fn=probe_rewards:digit_share", "eval.num_examples=5", "eval.batch_size_per_device=2",
-    "eval.pass_k=0", "hardware.device=cpu", "hardware.dtype=float32", "logger.mode=disabled",
+    "run_name=probe",
+    "task.options.train_size=64",
+    "task.options.test_size=8",
+    "trainer.prompts_per_step_global=4",
+    "algo.group_size=4",
+    "algo.sampling.max_new_tokens=8",
+    "algo.lr=3e-3",
+    "model.tiny.hidden_size=32",
+    "model.tiny.intermediate_size=64",
+    "trainer.micro_batch_per_device=4",
+    "reward.fn=probe_rewards:digit_share",
+    "eval.num_examples=5",
+    "eval.batch_size_per_device=2",
+    "eval.pass_k=0",
+    "hardware.device=cpu",
+    "hardware.dtype=float32",
+    "logger.mode=disabled",
     # ZeRO-3 would keep a model this small whole ("persistent"); partition every parameter
     "+hardware.deepspeed.zero_optimization.stage3_param_persistence_threshold=0",
 ]
 
 
 def compose(stage: int):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     from rlkit.config import register_schema
 
@@ -78,9 +93,14 @@ def probe_stage(stage: int, run_dir: str) -> dict:
     params = full_parameters(loop.engine)
     replicas = all_gather_objects(params)
     saved = full_state_dict(loop.engine)  # what checkpoints write (ZeRO-3: gathered on rank 0)
-    return {"metrics": metrics, "params": params, "accuracy": accuracy,
-            "replicas_identical": all(torch.equal(replicas[0], other) for other in replicas),
-            "saved_matches": saved is None or torch.equal(torch.cat([saved[name].flatten() for name, _ in loop.engine.module.named_parameters()]), params)}
+    return {
+        "metrics": metrics,
+        "params": params,
+        "accuracy": accuracy,
+        "replicas_identical": all(torch.equal(replicas[0], other) for other in replicas),
+        "saved_matches": saved is None
+        or torch.equal(torch.cat([saved[name].flatten() for name, _ in loop.engine.module.named_parameters()]), params),
+    }
 
 
 def main() -> None:

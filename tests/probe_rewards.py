@@ -1,5 +1,6 @@
 """Rewards for tests that run the real CLI (importable as ``reward.fn=probe_rewards:...``
 with this directory on PYTHONPATH)."""
+
 from __future__ import annotations
 
 import os

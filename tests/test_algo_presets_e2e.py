@@ -1,13 +1,13 @@
 """Every policy-gradient and SFT preset trains end to end: two steps of the real trainer,
 in-process (hydra compose + rlkit.trainer.train), on a 32-wide tiny model, and the
 policy's weights change."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_OVERRIDES, fast_overrides
 
 CONF_ALGO = Path(__file__).resolve().parents[1] / "conf" / "algo"
@@ -43,10 +43,21 @@ def train_preset(tmp_path_factory, compose_config):
 
     def _train(name: str, *extra: str, run_dir: Path | None = None) -> Path:
         run_dir = run_dir or tmp_path_factory.mktemp(name)
-        overrides = fast_overrides("trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "eval.num_examples=4", "eval.pass_k=0",
-                                   "model.warmstart.steps=0", "task.options.train_size=64", "task.options.test_size=8", "trainer.prompts_per_step_global=2",
-                                   drop=("algo.group_size",))
-        cfg = compose_config(f"algo={name}", f"reward.fn={__name__}:distinct_characters", "algo.lr=1e-3", *overrides, *extra)
+        overrides = fast_overrides(
+            "trainer.max_steps=2",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "eval.num_examples=4",
+            "eval.pass_k=0",
+            "model.warmstart.steps=0",
+            "task.options.train_size=64",
+            "task.options.test_size=8",
+            "trainer.prompts_per_step_global=2",
+            drop=("algo.group_size",),
+        )
+        cfg = compose_config(
+            f"algo={name}", f"reward.fn={__name__}:distinct_characters", "algo.lr=1e-3", *overrides, *extra
+        )
         validate(cfg)
         train(cfg, str(run_dir))
         return run_dir
@@ -78,7 +89,9 @@ def test_fast_overrides_have_the_keys_this_file_changes():
 def train_steps(run_dir: Path) -> list[dict]:
     import json
 
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in line]
+    return [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in line
+    ]
 
 
 @pytest.mark.slow

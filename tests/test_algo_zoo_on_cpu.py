@@ -1,5 +1,6 @@
 """The algorithm zoo (critic-free estimators, policy losses, reward shaping, presets),
 checked against hand-worked values and limiting cases."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,13 @@ SIX = dict(scores=(1.0, 0.0, 2.0, 3.0, 5.0, 7.0), lengths=(3, 1, 2, 3, 1, 2), gr
 
 def test_zoo_names_are_registered():
     for name, fn in {
-        "rloo": rloo_advantage, "reinforce_pp": reinforce_pp_advantage, "reinforce_pp_baseline": reinforce_pp_baseline_advantage,
-        "remax": remax_advantage, "nsr": nsr_advantage, "w_reinforce": w_reinforce_advantage, "bnpo": bnpo_advantage,
+        "rloo": rloo_advantage,
+        "reinforce_pp": reinforce_pp_advantage,
+        "reinforce_pp_baseline": reinforce_pp_baseline_advantage,
+        "remax": remax_advantage,
+        "nsr": nsr_advantage,
+        "w_reinforce": w_reinforce_advantage,
+        "bnpo": bnpo_advantage,
     }.items():
         assert ADVANTAGE_ESTIMATORS.get(name) is fn
     assert POLICY_LOSSES.get("gspo") is gspo_loss
@@ -132,7 +138,9 @@ def test_reinforce_pp_return_to_go_and_global_normalisation_hand_values():
     # over the 4 response tokens: mean = (0.4 + 0.5 + 0.7 - 0.5)/4 = 0.275
     # deviations (0.125, 0.225, 0.425, -0.775); squares sum 0.8475; population var 0.211875
     std = math.sqrt(0.8475 / 4)
-    close(advantages, [[0.125 / (std + eps), 0.225 / (std + eps), 0.425 / (std + eps)], [-0.775 / (std + eps), 0.0, 0.0]])
+    close(
+        advantages, [[0.125 / (std + eps), 0.225 / (std + eps), 0.425 / (std + eps)], [-0.775 / (std + eps), 0.0, 0.0]]
+    )
     # without the std: centred only
     centred, _ = reinforce_pp_advantage(inputs, cfg(norm_adv_by_std=False))
     close(centred, [[0.125, 0.225, 0.425], [-0.775, 0.0, 0.0]])
@@ -181,7 +189,10 @@ def test_reinforce_pp_baseline_all_equal_rewards_give_zero_not_nan():
 def _rank_worker(rank: int, world: int, port: int, out_dir: str, parts) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {name: ADVANTAGE_ESTIMATORS.get(name)(parts[rank], cfg())[0] for name in ("reinforce_pp", "reinforce_pp_baseline", "bnpo")}
+        results = {
+            name: ADVANTAGE_ESTIMATORS.get(name)(parts[rank], cfg())[0]
+            for name in ("reinforce_pp", "reinforce_pp_baseline", "bnpo")
+        }
         torch.save(results, Path(out_dir) / f"{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -190,9 +201,16 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str, parts) -> None:
 def test_batch_statistics_are_global_over_processes(tmp_path):
     # Two processes, each with its own prompts (as the loop splits them), must produce exactly
     # the advantages one process computes on the whole batch.
-    whole = make_inputs(scores=(1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0), lengths=(1, 3, 2, 2, 3, 1, 1, 2),
-                        groups=(0, 0, 1, 1, 2, 2, 3, 3), shaping=[[0.1] * n for n in (1, 3, 2, 2, 3, 1, 1, 2)])
-    halves = [AdvantageInputs(whole.token_rewards[rows], whole.response_mask[rows], whole.group_index[rows]) for rows in (slice(0, 4), slice(4, 8))]
+    whole = make_inputs(
+        scores=(1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0),
+        lengths=(1, 3, 2, 2, 3, 1, 1, 2),
+        groups=(0, 0, 1, 1, 2, 2, 3, 3),
+        shaping=[[0.1] * n for n in (1, 3, 2, 2, 3, 1, 1, 2)],
+    )
+    halves = [
+        AdvantageInputs(whole.token_rewards[rows], whole.response_mask[rows], whole.group_index[rows])
+        for rows in (slice(0, 4), slice(4, 8))
+    ]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -288,7 +306,9 @@ def test_bnpo_with_alpha_beta_three_halves_is_grpo_with_population_std_times_pi_
     expected = []
     for successes in (1, 2, 3):
         p = successes / 4
-        expected += [(math.pi / 8) * (x - p) / math.sqrt(p * (1 - p)) for x in [1.0] * successes + [0.0] * (4 - successes)]
+        expected += [
+            (math.pi / 8) * (x - p) / math.sqrt(p * (1 - p)) for x in [1.0] * successes + [0.0] * (4 - successes)
+        ]
     close(advantages[:, 0], expected)
     # p = 1/2: (pi/8) * 0.5 / 0.5 = pi/8 = 0.392699
     close(advantages[4, 0], math.pi / 8)
@@ -397,15 +417,22 @@ def test_gspo_clips_whole_sequences_and_ignores_padding():
 def loss_case(fn, ratios, advantages, c):
     """Per-token loss, metrics and d loss / d log_prob for the given ratios (old_log_prob = 0)."""
     log_prob = torch.tensor([ratios], dtype=F64).log().requires_grad_(True)
-    loss, metrics = fn(log_prob, torch.zeros_like(log_prob), torch.tensor([advantages], dtype=F64), torch.ones(1, len(ratios)), c)
+    loss, metrics = fn(
+        log_prob, torch.zeros_like(log_prob), torch.tensor([advantages], dtype=F64), torch.ones(1, len(ratios)), c
+    )
     loss.sum().backward()
     return loss.detach()[0], metrics, log_prob.grad[0]
 
 
 def test_ce_gppo_equals_clipped_when_nothing_is_clipped():
-    ratios, advs = [1.1, 0.9, 0.7, 1.3, 1.0], [1.0, -1.0, 1.0, -1.0, 0.5]  # outside the bounds only on the pessimistic side
+    ratios, advs = (
+        [1.1, 0.9, 0.7, 1.3, 1.0],
+        [1.0, -1.0, 1.0, -1.0, 0.5],
+    )  # outside the bounds only on the pessimistic side
     c = cfg(clip_low=0.2, clip_high=0.2)
-    for got, want in zip(loss_case(ce_gppo_loss, ratios, advs, c)[::2], loss_case(clipped_surrogate, ratios, advs, c)[::2]):
+    for got, want in zip(
+        loss_case(ce_gppo_loss, ratios, advs, c)[::2], loss_case(clipped_surrogate, ratios, advs, c)[::2]
+    ):
         close(got, want, atol=1e-12)
 
 
@@ -426,11 +453,15 @@ def test_ce_gppo_keeps_a_bounded_gradient_on_clipped_tokens_hand_values():
     close(metrics["clip_frac_low"], 1 / 6, atol=1e-12)
     close(metrics["clip_frac_high"], 1 / 6, atol=1e-12)
     # beta = 0 recovers PPO's zero gradient on clipped tokens
-    _, _, grad0 = loss_case(ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=0.0, gppo_beta2=0.0))
+    _, _, grad0 = loss_case(
+        ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=0.0, gppo_beta2=0.0)
+    )
     _, _, grad_clipped = loss_case(clipped_surrogate, ratios, advs, cfg(clip_low=0.2, clip_high=0.28))
     close(grad0, grad_clipped, atol=1e-12)
     # beta = 1: the forward value is exactly PPO's clipped value
-    loss1, _, _ = loss_case(ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=1.0, gppo_beta2=1.0))
+    loss1, _, _ = loss_case(
+        ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=1.0, gppo_beta2=1.0)
+    )
     close(loss1, loss_case(clipped_surrogate, ratios, advs, cfg(clip_low=0.2, clip_high=0.28))[0], atol=1e-12)
 
 
@@ -473,7 +504,9 @@ def test_overlong_penalty_hand_values():
 def test_overlong_penalty_counts_token_ids_else_whitespace_words():
     completions = ["one two three", "a b c d e f g h"]
     # token ids win over the text: 7 and 9 tokens
-    assert overlong_penalty_reward([""] * 2, completions, completion_ids=[[1] * 7, [2] * 9], max_length=10, cache_length=4) == pytest.approx([-0.25, -0.75])
+    assert overlong_penalty_reward(
+        [""] * 2, completions, completion_ids=[[1] * 7, [2] * 9], max_length=10, cache_length=4
+    ) == pytest.approx([-0.25, -0.75])
     # without ids: 3 and 8 words
     assert overlong_penalty_reward([""] * 2, completions, max_length=10, cache_length=4) == pytest.approx([0.0, -0.5])
 
@@ -492,16 +525,32 @@ PRESETS = sorted(p.stem for p in CONF_ALGO.glob("*.yaml"))
 
 
 def test_every_zoo_algorithm_has_a_preset():
-    assert {"dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "gspo", "nsr", "w_reinforce", "bnpo", "ce_gppo", "pspo"} <= set(PRESETS)
+    assert {
+        "dr_grpo",
+        "dapo",
+        "rloo",
+        "reinforce_pp",
+        "reinforce_pp_baseline",
+        "remax",
+        "gspo",
+        "nsr",
+        "w_reinforce",
+        "bnpo",
+        "ce_gppo",
+        "pspo",
+    } <= set(PRESETS)
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_into_the_schema_and_validates(compose_config, name):
-    from rlkit.validate import validate
-
     from omegaconf import OmegaConf
 
-    needs_pairs = OmegaConf.load(CONF_ALGO / f"{name}.yaml").get("loop") in ("preference", "reward_model")  # offline preference presets
+    from rlkit.validate import validate
+
+    needs_pairs = OmegaConf.load(CONF_ALGO / f"{name}.yaml").get("loop") in (
+        "preference",
+        "reward_model",
+    )  # offline preference presets
     c = compose_config(f"algo={name}", *(["task=hh"] if needs_pairs else []))
     validate(c)
     assert c.algo.name == name
@@ -516,9 +565,20 @@ def test_preset_key_values(compose_config):
     dr = compose_config("algo=dr_grpo").algo
     assert (dr.norm_adv_by_std, dr.loss_agg, dr.kl.coef) == (False, "seq-mean-token-sum-norm", 0.0)
     dapo = compose_config("algo=dapo").algo
-    assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg, dapo.dynamic_sampling, dapo.kl.coef) == (0.2, 0.28, "token-mean", True, 0.0)
+    assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg, dapo.dynamic_sampling, dapo.kl.coef) == (
+        0.2,
+        0.28,
+        "token-mean",
+        True,
+        0.0,
+    )
     gspo = compose_config("algo=gspo").algo
-    assert (gspo.policy_loss, gspo.clip_low, gspo.clip_high, gspo.loss_agg) == ("gspo", 3e-4, 4e-4, "seq-mean-token-mean")
+    assert (gspo.policy_loss, gspo.clip_low, gspo.clip_high, gspo.loss_agg) == (
+        "gspo",
+        3e-4,
+        4e-4,
+        "seq-mean-token-mean",
+    )
     remax = compose_config("algo=remax").algo
     assert (remax.advantage, remax.baseline_rollout) == ("remax", "greedy")
     rpp = compose_config("algo=reinforce_pp").algo
@@ -529,7 +589,10 @@ def test_preset_key_values(compose_config):
 def test_dapo_overlong_override_from_the_preset_comment_works(compose_config):
     from rlkit.validate import validate
 
-    c = compose_config("algo=dapo", "+reward.terms.overlong={fn: overlong_penalty, weight: 1.0, args: {max_length: 10, cache_length: 4}}")
+    c = compose_config(
+        "algo=dapo",
+        "+reward.terms.overlong={fn: overlong_penalty, weight: 1.0, args: {max_length: 10, cache_length: 4}}",
+    )
     validate(c)
     assert set(c.reward.terms) == {"answer", "format", "overlong"}
     totals, per_term = build_reward(c.reward)(["q"], ["#### 3"], answer=["3"], completion_ids=[[0] * 8])

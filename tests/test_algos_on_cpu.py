@@ -1,4 +1,5 @@
 """The algorithm layer's pure tensor functions, checked against hand-worked values."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlkit.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageInputs, aggregate_loss
+from rlkit.algos import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    AdvantageInputs,
+    aggregate_loss,
+)
 from rlkit.algos.advantages import grpo_advantage
 from rlkit.algos.kl import kl_k1, kl_k2, kl_k3
 from rlkit.algos.masked import group_stats, masked_mean
@@ -35,7 +43,12 @@ def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
 
 def test_registries_hold_the_documented_names():
     assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"]
-    assert LOSS_AGGREGATIONS.names() == ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-mean"]
+    assert LOSS_AGGREGATIONS.names() == [
+        "seq-mean-token-mean",
+        "seq-mean-token-sum",
+        "seq-mean-token-sum-norm",
+        "token-mean",
+    ]
     assert "grpo" in ADVANTAGE_ESTIMATORS and ADVANTAGE_ESTIMATORS.get("grpo") is grpo_advantage
     assert POLICY_LOSSES.get("clipped") is clipped_surrogate
 
@@ -350,7 +363,9 @@ def test_micro_batches_with_local_counts_do_not_sum_to_token_mean():
 
 
 def test_aggregation_unknown_mode_lists_valid_ones():
-    with pytest.raises(UnknownNameError, match="valid: seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-mean"):
+    with pytest.raises(
+        UnknownNameError, match="valid: seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm, token-mean"
+    ):
         aggregate_loss(LOSS, MASK, "token-median")
 
 

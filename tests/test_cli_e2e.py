@@ -4,6 +4,7 @@ Every run works in a temporary directory (``outputs/`` lands there) with the fas
 overrides of ``conftest.FAST_OVERRIDES``. The expensive runs are module-scoped
 fixtures shared by several tests.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import (
-    CliResult, cli_env, complete_checkpoints, fast_overrides, read_json, read_metrics, rlkit, rlkit_executable, train_records,
+    CliResult,
+    cli_env,
+    complete_checkpoints,
+    fast_overrides,
+    read_json,
+    read_metrics,
+    rlkit,
+    rlkit_executable,
+    train_records,
 )
 
 pytestmark = pytest.mark.slow
@@ -26,8 +34,17 @@ pytestmark = pytest.mark.slow
 MAIN_ARGS = ["train", *fast_overrides("trainer.max_steps=6", "algo.lr_schedule=linear", "run_name=main")]
 
 PER_STEP_KEYS = (
-    "reward/mean", "reward/zero_variance_group_frac", "response/length_mean", "response/truncated_frac", "actor/kl",
-    "actor/entropy", "actor/clip_frac", "actor/grad_norm", "time/rollout", "time/update", "throughput/tokens_per_s",
+    "reward/mean",
+    "reward/zero_variance_group_frac",
+    "response/length_mean",
+    "response/truncated_frac",
+    "actor/kl",
+    "actor/entropy",
+    "actor/clip_frac",
+    "actor/grad_norm",
+    "time/rollout",
+    "time/update",
+    "throughput/tokens_per_s",
 )
 
 
@@ -81,6 +98,7 @@ def main_run(tmp_path_factory) -> Path:
 
 # 1. train -> report, plots, resolved config, per-step metrics
 
+
 def test_train_writes_report_plots_config_and_metrics(main_run: Path):
     report = read_json(main_run / "report.json")
     assert [e["step"] for e in report["evaluations"]] == [0, 2, 4, 6]
@@ -117,6 +135,7 @@ def test_train_writes_report_plots_config_and_metrics(main_run: Path):
 
 # 2. checkpoints: plain transformers, rotation, no temporary dirs
 
+
 def test_checkpoint_loads_with_plain_transformers(main_run: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,17 +156,22 @@ def test_checkpoint_loads_with_plain_transformers(main_run: Path):
 
 # 3. kill -9 and resume: continues from the newest complete checkpoint, bit-identical to no interruption
 
+
 def test_kill_and_resume_matches_uninterrupted_run(main_run: Path, tmp_path: Path):
     run_dir = tmp_path / "outputs" / "main"
     log = tmp_path / "killed.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([rlkit_executable(), *MAIN_ARGS], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [rlkit_executable(), *MAIN_ARGS], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT
+        )
         try:
             # Kill it once checkpoint 2 is complete and step 3 is logged: the resumed run must
             # start from the checkpoint, not from the last step it logged, and log step 3 once.
             deadline = time.monotonic() + 300
             while not ((run_dir / "checkpoints" / "2" / "trainer_state.json").is_file() and logged_step(run_dir, 3)):
-                assert process.poll() is None, f"the run exited ({process.returncode}) before step 3:\n{log.read_text()[-3000:]}"
+                assert process.poll() is None, (
+                    f"the run exited ({process.returncode}) before step 3:\n{log.read_text()[-3000:]}"
+                )
                 assert time.monotonic() < deadline, "no step 3 within 300 s"
                 time.sleep(0.05)
             process.send_signal(signal.SIGKILL)
@@ -170,7 +194,7 @@ def test_kill_and_resume_matches_uninterrupted_run(main_run: Path, tmp_path: Pat
     # (their wall times would differ had the steps been redone), then each step once.
     after = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert after[: len(kept_before)] == kept_before
-    assert min(json.loads(line)["step"] for line in after[len(kept_before):]) == newest + 1
+    assert min(json.loads(line)["step"] for line in after[len(kept_before) :]) == newest + 1
     resumed, reference = train_records(run_dir), train_records(main_run)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
     assert read_json(run_dir / "checkpoints" / "6" / "trainer_state.json")["run_id"] == run_id
@@ -179,9 +203,12 @@ def test_kill_and_resume_matches_uninterrupted_run(main_run: Path, tmp_path: Pat
 
     # Same rollouts, rewards, losses and gradient norms at every step as the uninterrupted run ...
     for got, want in zip(resumed, reference):
-        assert {k: v for k, v in got.items() if not is_timing(k)} == {k: v for k, v in want.items() if not is_timing(k)}, got["step"]
-    assert [e["accuracy"] for e in read_json(run_dir / "report.json")["evaluations"]] == \
-        [e["accuracy"] for e in read_json(main_run / "report.json")["evaluations"]]
+        assert {k: v for k, v in got.items() if not is_timing(k)} == {
+            k: v for k, v in want.items() if not is_timing(k)
+        }, got["step"]
+    assert [e["accuracy"] for e in read_json(run_dir / "report.json")["evaluations"]] == [
+        e["accuracy"] for e in read_json(main_run / "report.json")["evaluations"]
+    ]
     # ... and bit-identical final weights (RNG, sampler position, optimizer and LR schedule all restored).
     import torch
 
@@ -203,7 +230,9 @@ def test_resume_from_explicit_checkpoint_path(main_run: Path, tmp_path: Path):
     reference = {e["step"]: e for e in read_json(main_run / "report.json")["evaluations"]}
     assert [e["accuracy"] for e in report["evaluations"]] == [reference[4]["accuracy"], reference[6]["accuracy"]]
     for got, want in zip(train_records(run_dir), train_records(main_run)[4:]):
-        assert {k: v for k, v in got.items() if not is_timing(k)} == {k: v for k, v in want.items() if not is_timing(k)}, got["step"]
+        assert {k: v for k, v in got.items() if not is_timing(k)} == {
+            k: v for k, v in want.items() if not is_timing(k)
+        }, got["step"]
     import torch
 
     got, want = load_weights(run_dir / "checkpoints" / "6"), load_weights(main_run / "checkpoints" / "6")
@@ -211,6 +240,7 @@ def test_resume_from_explicit_checkpoint_path(main_run: Path, tmp_path: Path):
 
 
 # 4. rlkit eval
+
 
 def test_eval_checkpoint_writes_report(main_run: Path):
     checkpoint = main_run / "checkpoints" / "6"
@@ -254,10 +284,19 @@ def test_bad_override_fails_with_short_message(tmp_path: Path, override: str, ex
 
 # 6. GSM8K from local files
 
+
 def test_gsm8k_from_local_files(tmp_path: Path, gsm8k_dir: Path):
-    args = fast_overrides("task=gsm8k", f"task.path={gsm8k_dir}", "task.max_train_rows=200", "algo.sampling.max_new_tokens=16",
-                          "eval.num_examples=8", "trainer.max_steps=2", "model.warmstart.steps=2", "run_name=gsm8k",
-                          drop=("task.options.train_size", "task.options.test_size"))
+    args = fast_overrides(
+        "task=gsm8k",
+        f"task.path={gsm8k_dir}",
+        "task.max_train_rows=200",
+        "algo.sampling.max_new_tokens=16",
+        "eval.num_examples=8",
+        "trainer.max_steps=2",
+        "model.warmstart.steps=2",
+        "run_name=gsm8k",
+        drop=("task.options.train_size", "task.options.test_size"),
+    )
     rlkit(["train", *args], tmp_path).check()
     run_dir = tmp_path / "outputs" / "gsm8k"
     report = read_json(run_dir / "report.json")
@@ -271,9 +310,16 @@ def test_gsm8k_from_local_files(tmp_path: Path, gsm8k_dir: Path):
 
 # 7. multirun
 
+
 def test_multirun_two_seeds(tmp_path: Path):
-    args = fast_overrides("trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0", "model.warmstart.steps=2",
-                          "eval.num_examples=8", "eval.pass_k=0")
+    args = fast_overrides(
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "model.warmstart.steps=2",
+        "eval.num_examples=8",
+        "eval.pass_k=0",
+    )
     rlkit(["train", "--multirun", "seed=1,2", *args], tmp_path).check()
     [sweep] = list((tmp_path / "outputs" / "multirun").iterdir())
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
@@ -289,19 +335,29 @@ def test_multirun_two_seeds(tmp_path: Path):
 
 # 8. --cfg job; a model loaded from a local directory (model=hf)
 
+
 def test_cfg_job_prints_config(tmp_path: Path):
     import yaml
 
     result = rlkit(["train", "--cfg", "job", "trainer.max_steps=3"], tmp_path, timeout=120).check()
     config = yaml.safe_load(result.stdout)
-    assert config["trainer"]["max_steps"] == 3 and config["algo"]["name"] == "grpo" and config["model"]["name"] == "tiny"
+    assert (
+        config["trainer"]["max_steps"] == 3 and config["algo"]["name"] == "grpo" and config["model"]["name"] == "tiny"
+    )
     assert not (tmp_path / "outputs").exists()
 
 
 def test_hf_model_from_local_checkpoint(main_run: Path, tmp_path: Path):
     source = main_run / "checkpoints" / "6"
-    args = fast_overrides("model=hf", f"model.name_or_path={source}", "model.warmstart.steps=0", "trainer.max_steps=2",
-                          "eval.num_examples=8", "run_name=hf", drop=("model.tiny.hidden_size", "model.tiny.intermediate_size"))
+    args = fast_overrides(
+        "model=hf",
+        f"model.name_or_path={source}",
+        "model.warmstart.steps=0",
+        "trainer.max_steps=2",
+        "eval.num_examples=8",
+        "run_name=hf",
+        drop=("model.tiny.hidden_size", "model.tiny.intermediate_size"),
+    )
     rlkit(["train", *args], tmp_path).check()
     run_dir = tmp_path / "outputs" / "hf"
     report = read_json(run_dir / "report.json")
@@ -314,14 +370,23 @@ def test_hf_model_from_local_checkpoint(main_run: Path, tmp_path: Path):
 
 # 9. a user reward function from a module on PYTHONPATH
 
+
 def test_user_reward_function(tmp_path: Path):
     (tmp_path / "my_rewards.py").write_text(
         "def short_answer(prompts, completions, **row_fields):\n"
         "    assert 'answer' in row_fields and len(row_fields['answer']) == len(completions)\n"
         "    return [1.0 if len(c) <= 8 else 0.0 for c in completions]\n"
     )
-    args = fast_overrides("reward.fn=my_rewards:short_answer", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.save_every=0",
-                          "model.warmstart.steps=2", "eval.num_examples=8", "eval.pass_k=0", "run_name=reward")
+    args = fast_overrides(
+        "reward.fn=my_rewards:short_answer",
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "model.warmstart.steps=2",
+        "eval.num_examples=8",
+        "eval.pass_k=0",
+        "run_name=reward",
+    )
     rlkit(["train", *args], tmp_path, env=cli_env(PYTHONPATH=str(tmp_path))).check()
     records = train_records(tmp_path / "outputs" / "reward")
     assert [m["step"] for m in records] == [1, 2]

@@ -1,4 +1,5 @@
 """``rlkit compare``: aggregation of a sweep's run directories, on synthetic runs."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,19 @@ from rlkit.metrics import peak_memory
 def fake_run(root: Path, algo: str, seed: int, final: float, rss: float, rewards: list[float]) -> None:
     run_dir = root / f"{algo}-seed{seed}"
     run_dir.mkdir(parents=True)
-    report = {"run_name": f"algo={algo},seed={seed},trainer.max_steps=3", "algo": algo, "seed": seed, "peak_rss_mb": rss, "max_steps": 3,
-              "evaluations": [{"step": 0, "accuracy": 0.5}, {"step": 3, "accuracy": final}]}
+    report = {
+        "run_name": f"algo={algo},seed={seed},trainer.max_steps=3",
+        "algo": algo,
+        "seed": seed,
+        "peak_rss_mb": rss,
+        "max_steps": 3,
+        "evaluations": [{"step": 0, "accuracy": 0.5}, {"step": 3, "accuracy": final}],
+    }
     (run_dir / "report.json").write_text(json.dumps(report))
-    lines = [{"step": i + 1, "reward/mean": r, "time/step": 2.0, "throughput/tokens_per_s": 100.0 * (i + 1)} for i, r in enumerate(rewards)]
+    lines = [
+        {"step": i + 1, "reward/mean": r, "time/step": 2.0, "throughput/tokens_per_s": 100.0 * (i + 1)}
+        for i, r in enumerate(rewards)
+    ]
     lines.append({"step": 3, "time/eval": 4.0})
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
@@ -30,13 +40,20 @@ def test_compare_aggregates_seeds_per_configuration(tmp_path):
     partial["evaluations"] = partial["evaluations"][:1]  # still running: only the first evaluation so far
     (tmp_path / "ppo-seed2" / "report.json").write_text(json.dumps(partial))
     table = compare(str(tmp_path))
-    assert set(table) == {"algo=grpo", "algo=ppo"}  # the shared trainer.max_steps=3 and the seeds are not part of the label
+    assert set(table) == {
+        "algo=grpo",
+        "algo=ppo",
+    }  # the shared trainer.max_steps=3 and the seeds are not part of the label
     grpo = table["algo=grpo"]
     assert grpo["seeds"] == [1, 2] and grpo["steps"] == 3
-    assert grpo["accuracy_final"] == pytest.approx(0.7) and grpo["accuracy_final_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert grpo["accuracy_final"] == pytest.approx(0.7) and grpo["accuracy_final_std"] == pytest.approx(
+        0.1414, abs=1e-4
+    )
     assert grpo["wall_seconds"] == pytest.approx(3 * 2.0 + 4.0) and grpo["tokens_per_s"] == pytest.approx(200.0)
     assert grpo["peak_rss_mb"] == pytest.approx(710.0) and grpo["accuracy_gain"] == pytest.approx(0.2)
-    assert table["algo=ppo"]["accuracy_final_std"] == 0.0 and table["algo=ppo"]["seeds"] == [1]  # the incomplete seed 2 is skipped
+    assert table["algo=ppo"]["accuracy_final_std"] == 0.0 and table["algo=ppo"]["seeds"] == [
+        1
+    ]  # the incomplete seed 2 is skipped
     for name in ("compare.md", "compare.json", "compare.png"):
         assert (tmp_path / name).is_file()
     markdown = (tmp_path / "compare.md").read_text()

@@ -1,4 +1,5 @@
 """The hand-written Llama-family decoding step gives the logits of the model's own forward."""
+
 from __future__ import annotations
 
 import inspect
@@ -12,17 +13,39 @@ from rlkit.models.kv_cache import cache_argument, output_cache
 from rlkit.rollout.decoding import decoding_step, llama_step, reserve_cache
 from rlkit.rollout.generate import left_pad, sample
 
-SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
-             eos_token_id=1, pad_token_id=0)
+SHAPE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    eos_token_id=1,
+    pad_token_id=0,
+)
 MODELS = {
-    "llama, grouped-query attention, scaled rotary": lambda: LlamaForCausalLM(LlamaConfig(
-        **SHAPE, num_key_value_heads=2, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama, grouped-query attention, scaled rotary": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **SHAPE,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        )
+    ),
     # decoding runs past the original 10 positions, so the frequencies change along the way
-    "llama, dynamic rotary": lambda: LlamaForCausalLM(LlamaConfig(
-        **{**SHAPE, "max_position_embeddings": 10}, num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
-    "llama, multi-head, attention bias": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, num_key_value_heads=4, attention_bias=True)),
+    "llama, dynamic rotary": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            **{**SHAPE, "max_position_embeddings": 10},
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        )
+    ),
+    "llama, multi-head, attention bias": lambda: LlamaForCausalLM(
+        LlamaConfig(**SHAPE, num_key_value_heads=4, attention_bias=True)
+    ),
     "qwen2 (projection biases), one key head": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_key_value_heads=1)),
-    "mistral without sliding window": lambda: MistralForCausalLM(MistralConfig(**SHAPE, num_key_value_heads=2, sliding_window=None)),
+    "mistral without sliding window": lambda: MistralForCausalLM(
+        MistralConfig(**SHAPE, num_key_value_heads=2, sliding_window=None)
+    ),
 }
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [15]]  # different lengths: left padding
 
@@ -34,10 +57,21 @@ def decoded_scores(model, hand_written: bool, seed: int) -> tuple[torch.Tensor, 
     def record(ids, step_scores):
         scores.append(step_scores.clone())
         return step_scores
+
     ids, mask = left_pad(PROMPTS, pad_token_id=0)
     torch.manual_seed(seed)
-    rollout = sample(model, ids, mask, eos_token_id=1, pad_token_id=0, num_samples=3, max_new_tokens=12, min_new_tokens=12,
-                     logits_processor=record, hand_written_step=hand_written)
+    rollout = sample(
+        model,
+        ids,
+        mask,
+        eos_token_id=1,
+        pad_token_id=0,
+        num_samples=3,
+        max_new_tokens=12,
+        min_new_tokens=12,
+        logits_processor=record,
+        hand_written_step=hand_written,
+    )
     return rollout.response_ids, scores
 
 
@@ -64,10 +98,15 @@ def test_hand_written_step_in_bfloat16():
     logits = {}
     for hand_written in (True, False):
         with torch.no_grad():
-            cache = output_cache(model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True))
+            cache = output_cache(
+                model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True)
+            )
             reserve_cache(cache, 1, prompt_ids.shape[1] + 4)
             with decoding_step(model, cache, prompt_mask, hand_written) as step:
-                logits[hand_written] = [step(torch.full((len(prompt_ids),), token), positions[:, -1:] + 1 + i).float() for i, token in enumerate([20, 21, 22])]
+                logits[hand_written] = [
+                    step(torch.full((len(prompt_ids),), token), positions[:, -1:] + 1 + i).float()
+                    for i, token in enumerate([20, 21, 22])
+                ]
     for got, expected in zip(logits[True], logits[False]):
         torch.testing.assert_close(got, expected, atol=3e-2, rtol=3e-2)
     assert all(torch.isfinite(s[s > float("-inf")]).all() for s in scores)
@@ -95,11 +134,12 @@ def test_reserved_cache_is_finite_where_not_yet_written():
     reserve_cache(cache, 3, ids.shape[1] + 6)
     for layer in cache.layers:
         assert layer.key_buffer.shape[0] == 3 * len(PROMPTS) and layer.length == ids.shape[1]
-        assert not layer.key_buffer[:, :, layer.length:].any() and not layer.value_buffer[:, :, layer.length:].any()
+        assert not layer.key_buffer[:, :, layer.length :].any() and not layer.value_buffer[:, :, layer.length :].any()
 
 
 def test_the_cache_goes_in_and_out_under_the_name_the_forward_declares():
     """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+
     class OldForward:
         def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
 
@@ -111,4 +151,6 @@ def test_the_cache_goes_in_and_out_under_the_name_the_forward_declares():
     assert cache_argument(SimpleNamespace(module=NewForward()), "kv") == {"cache": "kv"}  # inside a DeepSpeed engine
     assert output_cache({"logits": 0, "cache": "kv"}) == output_cache({"logits": 0, "past_key_values": "kv"}) == "kv"
     model = MODELS["llama, multi-head, attention bias"]()
-    assert set(cache_argument(model, None)) <= set(inspect.signature(type(model).forward).parameters)  # the installed transformers' name
+    assert set(cache_argument(model, None)) <= set(
+        inspect.signature(type(model).forward).parameters
+    )  # the installed transformers' name

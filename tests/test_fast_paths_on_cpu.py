@@ -1,6 +1,7 @@
 """The speed-ups change no result: shared-prompt prefill in sampling, shared-prompt
 forward passes for log-probs and gradients, and skipping responses whose advantages
 are all zero — each against the plain computation."""
+
 from __future__ import annotations
 
 import subprocess
@@ -10,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fast_overrides
 from transformers import GenerationConfig
 
-from conftest import fast_overrides
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import draw, generate, response_mask_from_eos, sample, sampling_probs
 from rlkit.rollout.logprobs import token_log_probs
@@ -22,7 +23,9 @@ PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]  # different lengths: left paddin
 
 @pytest.fixture(scope="module")
 def tiny():
-    arch = SimpleNamespace(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128)
+    arch = SimpleNamespace(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128
+    )
     return build_tiny_model(arch, [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], seed=0)
 
 
@@ -31,7 +34,7 @@ def transformers_generate(model, tokenizer, seed: int, **settings) -> torch.Tens
     encoded = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     config = GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
     model.eval()
-    output = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1]:]
+    output = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1] :]
     mask, _ = response_mask_from_eos(output, tokenizer.eos_token_id)
     return output.masked_fill(mask == 0, tokenizer.pad_token_id)
 
@@ -41,9 +44,20 @@ def transformers_generate(model, tokenizer, seed: int, **settings) -> torch.Tens
 def test_greedy_decoding_matches_transformers_generate(tiny, share_prompt, min_new_tokens):
     """Same tokens as ``model.generate`` (which prefills every row), EOS masking included."""
     model, tokenizer = tiny
-    rollout = generate(model, tokenizer, PROMPTS, num_samples=1, max_new_tokens=10, greedy=True, min_new_tokens=min_new_tokens, share_prompt=share_prompt)
-    expected = transformers_generate(model, tokenizer, 0, max_new_tokens=10, do_sample=False, min_new_tokens=min_new_tokens)
-    assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
+    rollout = generate(
+        model,
+        tokenizer,
+        PROMPTS,
+        num_samples=1,
+        max_new_tokens=10,
+        greedy=True,
+        min_new_tokens=min_new_tokens,
+        share_prompt=share_prompt,
+    )
+    expected = transformers_generate(
+        model, tokenizer, 0, max_new_tokens=10, do_sample=False, min_new_tokens=min_new_tokens
+    )
+    assert torch.equal(rollout.response_ids, expected[:, : rollout.response_ids.shape[1]])
     if min_new_tokens:
         assert rollout.response_mask.all()  # EOS masked: every response runs the full 10 tokens
 
@@ -54,7 +68,9 @@ def test_shared_prompt_sampling_draws_the_same_tokens_as_per_row_prefill(tiny, t
     rollouts = []
     for share in (False, True):
         torch.manual_seed(5)
-        rollouts.append(generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=10, top_p=top_p, share_prompt=share))
+        rollouts.append(
+            generate(model, tokenizer, PROMPTS, num_samples=4, max_new_tokens=10, top_p=top_p, share_prompt=share)
+        )
     assert torch.equal(rollouts[0].response_ids, rollouts[1].response_ids)
     assert len({tuple(row) for row in rollouts[0].response_ids.tolist()}) > len(PROMPTS)  # samples of a prompt differ
 
@@ -65,8 +81,16 @@ def test_per_prompt_length_limits(tiny):
     model, tokenizer = tiny
     encoded = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(0)
-    rollout = sample(model, encoded["input_ids"], encoded["attention_mask"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                     num_samples=2, max_new_tokens=torch.tensor([3, 7]), min_new_tokens=torch.tensor([3, 7]))
+    rollout = sample(
+        model,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_samples=2,
+        max_new_tokens=torch.tensor([3, 7]),
+        min_new_tokens=torch.tensor([3, 7]),
+    )
     assert rollout.response_lengths.tolist() == [3, 3, 7, 7] and rollout.truncated.all()
     assert rollout.response_ids.shape[1] == 7 and (rollout.response_ids[:2, 3:] == tokenizer.pad_token_id).all()
 
@@ -90,7 +114,9 @@ def test_draw_never_runs_past_the_last_possible_token(monkeypatch):
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():
     probs = sampling_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
-    torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]]))  # 0.5 + 0.3 reaches 0.8: draw() takes unnormalised rows
+    torch.testing.assert_close(
+        probs, torch.tensor([[0.5, 0.3, 0.0, 0.0]])
+    )  # 0.5 + 0.3 reaches 0.8: draw() takes unnormalised rows
     assert torch.equal(sampling_probs(torch.zeros(1, 3), 2.0, 1.0), torch.full((1, 3), 1 / 3))
 
 
@@ -104,7 +130,15 @@ def test_shared_prompt_log_probs_and_gradients_match_whole_rows(tiny):
     results = []
     for share in (False, True):
         model.zero_grad()
-        log_probs, entropy = token_log_probs(model, sequences, attention, rollout.response_ids.shape[1], temperature=0.7, with_entropy=True, share_prompt=share)
+        log_probs, entropy = token_log_probs(
+            model,
+            sequences,
+            attention,
+            rollout.response_ids.shape[1],
+            temperature=0.7,
+            with_entropy=True,
+            share_prompt=share,
+        )
         (log_probs * mask).sum().backward()
         results.append((log_probs.detach()[mask], entropy[mask], [p.grad.clone() for p in model.parameters()]))
     (plain_lp, plain_ent, plain_grads), (shared_lp, shared_ent, shared_grads) = results
@@ -130,19 +164,36 @@ def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path,
     def run(name: str) -> tuple[Path, list[dict]]:
         import json
 
-        cfg = compose_config("algo=grpo", "algo.kl.coef=0", "algo.lr=1e-3", f"reward.fn={__name__}:half_constant_reward",
-                             *fast_overrides("trainer.max_steps=3", "trainer.eval_every=0", "trainer.save_every=3", "model.warmstart.steps=0",
-                                             "trainer.micro_batch_per_device=4"))
+        cfg = compose_config(
+            "algo=grpo",
+            "algo.kl.coef=0",
+            "algo.lr=1e-3",
+            f"reward.fn={__name__}:half_constant_reward",
+            *fast_overrides(
+                "trainer.max_steps=3",
+                "trainer.eval_every=0",
+                "trainer.save_every=3",
+                "model.warmstart.steps=0",
+                "trainer.micro_batch_per_device=4",
+            ),
+        )
         train(cfg, str(tmp_path / name))
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return tmp_path / name / "checkpoints" / "3", [r for r in records if "reward/mean" in r]
 
     skipping, skip_records = run("skip")
-    monkeypatch.setattr(PolicyGradientLoop, "rows_with_gradient", lambda self, rows, *_: list(rows.tensor_split(self.engine.gradient_accumulation_steps())))
+    monkeypatch.setattr(
+        PolicyGradientLoop,
+        "rows_with_gradient",
+        lambda self, rows, *_: list(rows.tensor_split(self.engine.gradient_accumulation_steps())),
+    )
     every_row, all_records = run("all")
     assert max(r["actor/skipped_zero_advantage_frac"] for r in skip_records) > 0
     assert [r["reward/mean"] for r in skip_records] == [r["reward/mean"] for r in all_records]
-    skipped_weights, all_weights = load_file(str(skipping / "model.safetensors")), load_file(str(every_row / "model.safetensors"))
+    skipped_weights, all_weights = (
+        load_file(str(skipping / "model.safetensors")),
+        load_file(str(every_row / "model.safetensors")),
+    )
     for key, value in all_weights.items():
         torch.testing.assert_close(skipped_weights[key], value, atol=1e-5, rtol=1e-4)
 
@@ -153,14 +204,26 @@ def test_sliding_window_models_keep_their_own_cache_and_decode_like_generate(tin
     from transformers import MistralConfig, MistralForCausalLM
 
     _, tokenizer = tiny
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, sliding_window=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(0)
     model = MistralForCausalLM(config).eval()
     rollout = generate(model, tokenizer, PROMPTS, num_samples=2, max_new_tokens=10, greedy=True)
-    expected = transformers_generate(model, tokenizer, 0, max_new_tokens=10, do_sample=False).repeat_interleave(2, 0)  # greedy: both samples alike
-    assert torch.equal(rollout.response_ids, expected[:, :rollout.response_ids.shape[1]])
+    expected = transformers_generate(model, tokenizer, 0, max_new_tokens=10, do_sample=False).repeat_interleave(
+        2, 0
+    )  # greedy: both samples alike
+    assert torch.equal(rollout.response_ids, expected[:, : rollout.response_ids.shape[1]])
     torch.manual_seed(1)
     sampled = generate(model, tokenizer, PROMPTS, num_samples=3, max_new_tokens=8)
     shared, _ = token_log_probs(model, sampled.sequences, sampled.attention_mask, 8, share_prompt=True)
@@ -192,8 +255,13 @@ print(int(sorted(rounds[1:])[2]))  # the median round after the first
 
 def test_kept_heap_memory_is_not_faulted_in_again_at_every_step():
     """``keep_freed_memory``: once warm, re-allocating the same buffers costs no page faults."""
+
     def faults_per_round(mode: str) -> int:
-        return int(subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], capture_output=True, text=True, check=True).stdout)
+        return int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_PER_ROUND, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
 
     pages = 12 * 3 * 2**20 * 4 // 4096
     assert faults_per_round("return") > pages // 2  # glibc hands the memory back and faults it in at every round

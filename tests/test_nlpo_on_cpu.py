@@ -2,6 +2,7 @@
 log-probs against hand-worked values, rollouts that stay inside the mask policy's top-p sets, the
 loop's masked scoring (the reference unmasked), and the mask policy's refresh every mu steps
 across a checkpoint and resume."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import fast_overrides
+
 from rlkit.algos.token_masks import masked_log_probs, top_p_mask
 from rlkit.config import NLPOConfig
 from rlkit.loops.nlpo import FrozenModelCheckpoint, MaskPolicyProcessor, NLPOLoop, copy_weights, mask_policy_set
@@ -73,11 +74,17 @@ def test_mask_policy_set_keeps_eos_unless_min_new_tokens_bans_it():
     nlpo = NLPOConfig(top_p=0.5, keep_eos=True)
     logits = torch.tensor([0.05, 0.03, 0.02, 0.9]).log()  # token 3 is EOS
     assert torch.equal(mask_policy_set(logits, nlpo, 1.0, eos_token_id=3), mask_of(3))
-    assert torch.equal(mask_policy_set(torch.tensor([0.9, 0.05, 0.03, 0.02]).log(), nlpo, 1.0, eos_token_id=3), mask_of(0, 3))  # keep_eos
+    assert torch.equal(
+        mask_policy_set(torch.tensor([0.9, 0.05, 0.03, 0.02]).log(), nlpo, 1.0, eos_token_id=3), mask_of(0, 3)
+    )  # keep_eos
     # EOS banned: the top-p set of the other tokens, renormalised [.5, .3, .2]: mass before token 1 is .5, not below .5
     assert torch.equal(mask_policy_set(logits, nlpo, 1.0, eos_token_id=3, eos_banned=True), mask_of(0))
-    assert torch.equal(mask_policy_set(logits, NLPOConfig(top_p=0.6), 1.0, eos_token_id=3, eos_banned=True), mask_of(0, 1))
-    per_position = mask_policy_set(logits.expand(2, 3, 4), nlpo, 1.0, eos_token_id=3, eos_banned=torch.tensor([True, False, False]))
+    assert torch.equal(
+        mask_policy_set(logits, NLPOConfig(top_p=0.6), 1.0, eos_token_id=3, eos_banned=True), mask_of(0, 1)
+    )
+    per_position = mask_policy_set(
+        logits.expand(2, 3, 4), nlpo, 1.0, eos_token_id=3, eos_banned=torch.tensor([True, False, False])
+    )
     assert torch.equal(per_position[1, 0], mask_of(0)) and torch.equal(per_position[1, 2], mask_of(3))
 
 
@@ -95,15 +102,21 @@ def test_masked_log_probs_renormalise_inside_the_mask():
 
 
 def test_masked_log_probs_at_a_temperature():
-    log_probs, _ = masked_log_probs(LOGITS.expand(1, 1, 4), torch.tensor([[0]]), mask_of(0, 1).expand(1, 1, 4), temperature=2.0)
+    log_probs, _ = masked_log_probs(
+        LOGITS.expand(1, 1, 4), torch.tensor([[0]]), mask_of(0, 1).expand(1, 1, 4), temperature=2.0
+    )
     # T = 2 inside {0, 1}: sqrt(.5) / (sqrt(.5) + sqrt(.3)) = .7071 / 1.2548 = .5635
-    torch.testing.assert_close(log_probs, torch.tensor([[math.log(math.sqrt(0.5) / (math.sqrt(0.5) + math.sqrt(0.3)))]]))
+    torch.testing.assert_close(
+        log_probs, torch.tensor([[math.log(math.sqrt(0.5) / (math.sqrt(0.5) + math.sqrt(0.3)))]])
+    )
 
 
 def test_an_all_true_mask_is_the_plain_distribution():
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
-    log_probs, entropy = masked_log_probs(logits, targets, torch.ones(2, 5, 11, dtype=torch.bool), temperature=0.7, with_entropy=True)
+    log_probs, entropy = masked_log_probs(
+        logits, targets, torch.ones(2, 5, 11, dtype=torch.bool), temperature=0.7, with_entropy=True
+    )
     plain = torch.log_softmax(logits / 0.7, -1)
     torch.testing.assert_close(log_probs, plain.gather(-1, targets[..., None]).squeeze(-1))
     torch.testing.assert_close(entropy, -(plain.exp() * plain).sum(-1))
@@ -113,7 +126,9 @@ def test_an_all_true_mask_is_the_plain_distribution():
 
 def test_masked_gradients_are_finite_and_zero_outside_the_mask():
     logits = LOGITS.clone().expand(1, 1, 4).contiguous().requires_grad_(True)
-    log_probs, entropy = masked_log_probs(logits, torch.tensor([[1]]), mask_of(0, 1).expand(1, 1, 4), with_entropy=True, entropy_grad=True)
+    log_probs, entropy = masked_log_probs(
+        logits, torch.tensor([[1]]), mask_of(0, 1).expand(1, 1, 4), with_entropy=True, entropy_grad=True
+    )
     (log_probs.sum() + entropy.sum()).backward()
     assert torch.isfinite(logits.grad).all()
     assert torch.equal(logits.grad[0, 0, 2:], torch.zeros(2))
@@ -131,7 +146,9 @@ def models():
     """A policy and a differently initialised mask model sharing one tokenizer."""
     from rlkit.models.tiny import build_tiny_model
 
-    arch = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, vocab_size=128, max_position_embeddings=128)
+    arch = SimpleNamespace(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, vocab_size=128, max_position_embeddings=128
+    )
     corpus = [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)]
     policy, tokenizer = build_tiny_model(arch, corpus, seed=0)
     mask_model, _ = build_tiny_model(arch, corpus, seed=1)
@@ -156,23 +173,37 @@ def inside(allowed, rollout) -> torch.Tensor:
 def test_rollouts_only_contain_tokens_of_the_mask_policys_top_p_set(models, temperature, keep_eos, min_new_tokens):
     policy, mask_model, tokenizer = models
     nlpo = NLPOConfig(top_p=0.5, keep_eos=keep_eos)
-    processor = MaskPolicyProcessor(mask_model, nlpo, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, min_new_tokens)
+    processor = MaskPolicyProcessor(
+        mask_model, nlpo, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, min_new_tokens
+    )
     torch.manual_seed(0)
-    rollout = generate(policy, tokenizer, PROMPTS, num_samples=8, max_new_tokens=12, temperature=temperature, logits_processor=processor,
-                       min_new_tokens=min_new_tokens)
+    rollout = generate(
+        policy,
+        tokenizer,
+        PROMPTS,
+        num_samples=8,
+        max_new_tokens=12,
+        temperature=temperature,
+        logits_processor=processor,
+        min_new_tokens=min_new_tokens,
+    )
     allowed = mask_sets(mask_model, rollout, nlpo, temperature, tokenizer.eos_token_id, min_new_tokens)
     assert inside(allowed, rollout).all()
     assert not (rollout.response_ids[:, :min_new_tokens] == tokenizer.eos_token_id).any()
     assert allowed.float().mean() < 0.9  # the sets leave tokens out, so the check has teeth ...
     torch.manual_seed(0)
     free = generate(policy, tokenizer, PROMPTS, num_samples=8, max_new_tokens=12, temperature=temperature)
-    assert not inside(mask_sets(mask_model, free, nlpo, temperature, tokenizer.eos_token_id), free).all()  # ... which unmasked sampling fails
+    assert not inside(
+        mask_sets(mask_model, free, nlpo, temperature, tokenizer.eos_token_id), free
+    ).all()  # ... which unmasked sampling fails
     assert processor.rows > 0 and 0 < processor.policy_mass / processor.rows < 1
 
 
 def test_mask_processor_with_the_policy_itself_keeps_at_least_p_of_its_mass(models):
     policy, _, tokenizer = models
-    processor = MaskPolicyProcessor(policy, NLPOConfig(top_p=0.9, keep_eos=False), 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    processor = MaskPolicyProcessor(
+        policy, NLPOConfig(top_p=0.9, keep_eos=False), 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     torch.manual_seed(1)
     generate(policy, tokenizer, PROMPTS, num_samples=4, max_new_tokens=8, logits_processor=processor)
     assert processor.policy_mass / processor.rows >= 0.9 - 1e-5  # psi = theta: the top-p set holds >= p of pi_theta
@@ -192,15 +223,29 @@ def test_loop_scores_the_masked_policy_and_leaves_the_reference_unmasked(models)
     nlpo, temperature = NLPOConfig(top_p=0.5, keep_eos=True), 0.8
     loop = bare_loop(policy, mask_model, tokenizer, nlpo, temperature, reference=mask_model)
     torch.manual_seed(2)
-    rollout = generate(policy, tokenizer, PROMPTS, num_samples=3, max_new_tokens=10, temperature=temperature,
-                       logits_processor=MaskPolicyProcessor(mask_model, nlpo, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id))
+    rollout = generate(
+        policy,
+        tokenizer,
+        PROMPTS,
+        num_samples=3,
+        max_new_tokens=10,
+        temperature=temperature,
+        logits_processor=MaskPolicyProcessor(
+            mask_model, nlpo, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id
+        ),
+    )
     index = torch.arange(len(rollout))
     width = rollout.response_ids.shape[1]
     with torch.no_grad():
         log_probs, entropy = loop.log_probs(policy, rollout, index, with_entropy=True)
         logits = response_logits(policy, rollout.sequences, rollout.attention_mask, width)
-        expected, expected_entropy = masked_log_probs(logits, rollout.response_ids, mask_sets(mask_model, rollout, nlpo, temperature, tokenizer.eos_token_id),
-                                                      temperature, with_entropy=True)
+        expected, expected_entropy = masked_log_probs(
+            logits,
+            rollout.response_ids,
+            mask_sets(mask_model, rollout, nlpo, temperature, tokenizer.eos_token_id),
+            temperature,
+            with_entropy=True,
+        )
         plain, _ = token_log_probs(policy, rollout.sequences, rollout.attention_mask, width, temperature)
         reference, _ = loop.log_probs(mask_model, rollout, index)
         reference_plain, _ = token_log_probs(mask_model, rollout.sequences, rollout.attention_mask, width, temperature)
@@ -208,7 +253,9 @@ def test_loop_scores_the_masked_policy_and_leaves_the_reference_unmasked(models)
     torch.testing.assert_close(log_probs[response], expected[response], atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy[response], expected_entropy[response], atol=1e-5, rtol=0)
     assert torch.isfinite(log_probs).all()  # padding positions too: their targets are added to the sets
-    assert (log_probs[response] >= plain[response] - 1e-6).all() and (log_probs[response] > plain[response] + 1e-3).any()  # renormalised
+    assert (log_probs[response] >= plain[response] - 1e-6).all() and (
+        log_probs[response] > plain[response] + 1e-3
+    ).any()  # renormalised
     torch.testing.assert_close(reference, reference_plain)  # the reference model is scored unmasked
     assert loop.targets_outside[0] == 0 and loop.targets_outside[1] == float(response.sum())
 
@@ -254,10 +301,26 @@ def train_nlpo(tmp_path_factory, compose_config):
     run_dir = tmp_path_factory.mktemp("nlpo")
 
     def _train(max_steps: int) -> Path:
-        overrides = fast_overrides(f"trainer.max_steps={max_steps}", "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=10",
-                                   "eval.num_examples=4", "eval.pass_k=0", "model.warmstart.steps=0", "task.options.train_size=64",
-                                   "task.options.test_size=8", "trainer.prompts_per_step_global=2", "algo.group_size=4")
-        cfg = compose_config("algo=nlpo", f"reward.fn={__name__}:distinct_characters", "algo.lr=1e-3", "algo.nlpo.mask_update_every=3", *overrides)
+        overrides = fast_overrides(
+            f"trainer.max_steps={max_steps}",
+            "trainer.eval_every=0",
+            "trainer.save_every=1",
+            "trainer.keep_checkpoints=10",
+            "eval.num_examples=4",
+            "eval.pass_k=0",
+            "model.warmstart.steps=0",
+            "task.options.train_size=64",
+            "task.options.test_size=8",
+            "trainer.prompts_per_step_global=2",
+            "algo.group_size=4",
+        )
+        cfg = compose_config(
+            "algo=nlpo",
+            f"reward.fn={__name__}:distinct_characters",
+            "algo.lr=1e-3",
+            "algo.nlpo.mask_update_every=3",
+            *overrides,
+        )
         validate(cfg)
         train(cfg, str(run_dir))
         return run_dir
@@ -281,15 +344,24 @@ def test_mask_model_refreshes_every_mu_steps_and_survives_resume(train_nlpo):
     run_dir = train_nlpo(5)  # resumes from checkpoint 4, where pi_psi (= pi_theta_3) is not the policy
     checkpoints = run_dir / "checkpoints"
     policy = {step: weights(checkpoints / str(step) / "model.safetensors") for step in range(1, 6)}
-    mask = {step: weights(checkpoints / str(step) / "training_state_mask_model" / "state" / "model.safetensors") for step in range(1, 6)}
+    mask = {
+        step: weights(checkpoints / str(step) / "training_state_mask_model" / "state" / "model.safetensors")
+        for step in range(1, 6)
+    }
     initial = weights(run_dir / "initial_model" / "model.safetensors")
     assert same(mask[1], initial) and same(mask[2], initial) and not same(policy[2], initial)
     assert same(mask[3], policy[3]) and same(mask[4], policy[3]) and not same(mask[4], policy[4])
-    assert same(mask[5], policy[3]) and not same(mask[5], policy[4])  # restored from checkpoint 4, not re-copied on resume
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"nlpo/mask_refreshed"' in line]
+    assert same(mask[5], policy[3]) and not same(
+        mask[5], policy[4]
+    )  # restored from checkpoint 4, not re-copied on resume
+    records = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"nlpo/mask_refreshed"' in line
+    ]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert [r["nlpo/mask_refreshed"] for r in records] == [0.0, 0.0, 1.0, 0.0, 0.0]
     assert [r["nlpo/mask_age"] for r in records] == [0.0, 1.0, 2.0, 0.0, 1.0]
     assert records[0]["nlpo/policy_mass_in_mask"] >= 0.9 - 1e-4  # psi = theta: the set holds >= p of the policy's mass
     assert all(r["nlpo/target_outside_mask_frac"] <= 0.01 for r in records)
-    assert all(0 < r["nlpo/mask_size_mean"] for r in records)
+    assert all(r["nlpo/mask_size_mean"] > 0 for r in records)

@@ -1,5 +1,6 @@
 """oneDNN linear layers give nn.Linear's results (values and gradients, to float rounding),
 keep the checkpoint format, and change no rollout."""
+
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,9 @@ PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]
 
 @pytest.fixture(scope="module")
 def tiny():
-    arch = SimpleNamespace(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128)
+    arch = SimpleNamespace(
+        hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=128
+    )
     return build_tiny_model(arch, [f"{a}+{b}={a + b}" for a in range(40) for b in range(40)], seed=0)
 
 
@@ -33,7 +36,9 @@ def tiny():
 @pytest.mark.parametrize("bias", [False, True])
 def test_values_and_gradients_match_nn_linear(dtype, tolerance, bias):
     if dtype not in onednn_dtypes():
-        pytest.skip("this CPU has no native bf16: oneDNN's bf16 linear is unavailable (test_bf16_layers_stay_on_torch_without_native_bf16)")
+        pytest.skip(
+            "this CPU has no native bf16: oneDNN's bf16 linear is unavailable (test_bf16_layers_stay_on_torch_without_native_bf16)"
+        )
     torch.manual_seed(0)
     reference = nn.Linear(48, 24, bias=bias, dtype=dtype)
     layer = copy.deepcopy(reference)
@@ -91,7 +96,9 @@ def test_bf16_layers_stay_on_torch_without_native_bf16(monkeypatch):
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_announced_as_slow(monkeypatch, caplog):
     for native, dtype, warned in ((False, "bfloat16", True), (False, "float32", False), (True, "bfloat16", False)):
-        monkeypatch.setattr(trainer, "onednn_dtypes", lambda: (torch.float32, torch.bfloat16) if native else (torch.float32,))
+        monkeypatch.setattr(
+            trainer, "onednn_dtypes", lambda: (torch.float32, torch.bfloat16) if native else (torch.float32,)
+        )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger=trainer.__name__):
             trainer.warn_about_cpu_precision(dtype)
@@ -105,14 +112,20 @@ def test_small_layers_stay_on_torch():
 
 
 def test_load_pretrained_converts_on_cpu_unless_told_not_to_or_sharded(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr("rlkit.models.onednn_linear.MIN_WEIGHT_ELEMENTS", 0)  # the tiny model's layers are below the default
+    monkeypatch.setattr(
+        "rlkit.models.onednn_linear.MIN_WEIGHT_ELEMENTS", 0
+    )  # the tiny model's layers are below the default
     tiny[0].save_pretrained(tmp_path)
     model_cfg = SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None)
-    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, "dtype": "float32", **kw})  # noqa: E731
+    hardware = lambda **kw: SimpleNamespace(
+        **{"device": "cpu", "cpu_matmul": "onednn", "zero_stage": 0, "dtype": "float32", **kw}
+    )  # noqa: E731
     has_onednn = lambda model: any(isinstance(m, OneDNNLinear) for m in model.modules())  # noqa: E731
     assert has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware()))
     assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(cpu_matmul="torch")))
-    assert not has_onednn(load_pretrained(str(tmp_path), model_cfg, hardware(zero_stage=3)))  # DeepSpeed owns sharded layers
+    assert not has_onednn(
+        load_pretrained(str(tmp_path), model_cfg, hardware(zero_stage=3))
+    )  # DeepSpeed owns sharded layers
 
 
 @pytest.mark.parametrize("without_native_bf16", [False, True], ids=["this CPU", "a CPU without bf16 instructions"])
@@ -124,8 +137,11 @@ def test_bf16_training_on_cpu_uses_onednn_only_where_it_computes_bf16(tiny, tmp_
         for name in ("rlkit.models.loading.onednn_dtypes", "rlkit.models.onednn_linear.onednn_dtypes"):
             monkeypatch.setattr(name, lambda: (torch.float32,))
     tiny[0].save_pretrained(tmp_path)
-    model = load_pretrained(str(tmp_path), SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None),
-                            SimpleNamespace(device="cpu", cpu_matmul="onednn", zero_stage=0, dtype="bfloat16"))
+    model = load_pretrained(
+        str(tmp_path),
+        SimpleNamespace(dtype="float32", trust_remote_code=False, attn_implementation=None),
+        SimpleNamespace(device="cpu", cpu_matmul="onednn", zero_stage=0, dtype="bfloat16"),
+    )
     native = torch.bfloat16 in onednn_dtypes() and not without_native_bf16
     assert any(isinstance(m, OneDNNLinear) for m in model.modules()) == native
     model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine does
@@ -136,9 +152,15 @@ def test_bf16_training_on_cpu_uses_onednn_only_where_it_computes_bf16(tiny, tmp_
 def test_bf16_on_cpu_loads_matmul_attention_unless_told_otherwise(tiny, tmp_path):
     """The fused SDPA kernel's CPU backward is slow in bf16: null attention means eager there only."""
     tiny[0].save_pretrained(tmp_path)
-    model_cfg = lambda **kw: SimpleNamespace(**{"dtype": "float32", "trust_remote_code": False, "attn_implementation": None, **kw})  # noqa: E731
-    hardware = lambda **kw: SimpleNamespace(**{"device": "cpu", "cpu_matmul": "torch", "zero_stage": 0, "dtype": "float32", **kw})  # noqa: E731
-    attention = lambda model_kw, hardware_kw: load_pretrained(str(tmp_path), model_cfg(**model_kw), hardware(**hardware_kw)).config._attn_implementation  # noqa: E731
+    model_cfg = lambda **kw: SimpleNamespace(
+        **{"dtype": "float32", "trust_remote_code": False, "attn_implementation": None, **kw}
+    )  # noqa: E731
+    hardware = lambda **kw: SimpleNamespace(
+        **{"device": "cpu", "cpu_matmul": "torch", "zero_stage": 0, "dtype": "float32", **kw}
+    )  # noqa: E731
+    attention = lambda model_kw, hardware_kw: (
+        load_pretrained(str(tmp_path), model_cfg(**model_kw), hardware(**hardware_kw)).config._attn_implementation
+    )  # noqa: E731
     assert attention({}, {}) == "sdpa"
     assert attention({}, {"dtype": "bfloat16"}) == attention({"dtype": "bfloat16"}, {}) == "eager"
     assert attention({"attn_implementation": "sdpa"}, {"dtype": "bfloat16"}) == "sdpa"
@@ -160,7 +182,9 @@ def test_rollouts_and_log_probs_match_torch_linears(tiny):
     results = []
     for candidate in (reference, model):
         candidate.zero_grad()
-        log_probs, _ = token_log_probs(candidate, rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1])
+        log_probs, _ = token_log_probs(
+            candidate, rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1]
+        )
         (log_probs * rollout.response_mask).sum().backward()
         results.append((log_probs.detach(), [p.grad.clone() for p in candidate.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
@@ -187,4 +211,6 @@ def test_fused_projection_equals_its_layers_side_by_side():
         torch.testing.assert_close(fused_projection(list(layers), rows=7)(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fused_projection(list(layers), rows=7)(x[:2]), expected[:2], rtol=1e-5, atol=1e-5)
         adapter = Adapter(64, 8)
-        torch.testing.assert_close(fused_projection([layers[0], adapter], rows=7)(x), torch.cat([layers[0](x), adapter(x)], -1))
+        torch.testing.assert_close(
+            fused_projection([layers[0], adapter], rows=7)(x), torch.cat([layers[0](x), adapter(x)], -1)
+        )

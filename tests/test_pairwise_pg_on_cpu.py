@@ -1,5 +1,6 @@
 """The pairwise policy-gradient losses P3O and CoPG, against hand-worked values on two
 pairs with padding, and their limiting cases (ratio 1, equal rewards, the optimum)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -120,7 +121,9 @@ def test_p3o_pair_weight_is_clipped_into_one_over_c_and_c():
 
 # --------------------------------------------------------------------------- CoPG
 
-REF = torch.tensor([[0.1, 0.0, 50.0], [0.0, 0.0, 0.0], [0.0, -50.0, 50.0], [0.0, 0.0, 50.0]], dtype=F64)  # padding ignored
+REF = torch.tensor(
+    [[0.1, 0.0, 50.0], [0.0, 0.0, 0.0], [0.0, -50.0, 50.0], [0.0, 0.0, 50.0]], dtype=F64
+)  # padding ignored
 
 
 def test_copg_hand_values():
@@ -177,7 +180,19 @@ def test_pairwise_losses_need_exactly_two_rows_per_group():
 
 def test_preset_values(compose_config):
     p3o = compose_config("algo=p3o").algo
-    assert (p3o.policy_loss, p3o.advantage, p3o.norm_adv_by_std, p3o.group_size, p3o.p3o_clip) == ("p3o", "grpo", False, 2, "joint")
+    assert (p3o.policy_loss, p3o.advantage, p3o.norm_adv_by_std, p3o.group_size, p3o.p3o_clip) == (
+        "p3o",
+        "grpo",
+        False,
+        2,
+        "joint",
+    )
     assert (p3o.kl.placement, p3o.kl.estimator, p3o.loss_agg) == ("reward", "k1", "seq-mean-token-mean")
     copg = compose_config("algo=copg").algo
-    assert (copg.policy_loss, copg.advantage, copg.norm_adv_by_std, copg.group_size, copg.kl.coef) == ("copg", "grpo", False, 2, 0.0)
+    assert (copg.policy_loss, copg.advantage, copg.norm_adv_by_std, copg.group_size, copg.kl.coef) == (
+        "copg",
+        "grpo",
+        False,
+        2,
+        0.0,
+    )

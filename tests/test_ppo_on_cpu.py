@@ -1,5 +1,6 @@
 """PPO's pieces: GAE, value losses, the adaptive KL controller, score normalisation,
 the value head, and PPO's first-minibatch ratio, against hand-worked values."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,16 +93,26 @@ def test_clipped_value_loss_hand_values():
 
 def test_clipped_value_loss_gradient_is_zero_where_clipping_wins():
     values = torch.tensor([[1.0, 0.0]], requires_grad=True)
-    loss, _ = clipped_value_loss(values, torch.tensor([[0.5, 0.1]]), torch.tensor([[2.0, 1.0]]), torch.ones(1, 2), cfg(critic=CriticConfig(clip=0.2)))
+    loss, _ = clipped_value_loss(
+        values,
+        torch.tensor([[0.5, 0.1]]),
+        torch.tensor([[2.0, 1.0]]),
+        torch.ones(1, 2),
+        cfg(critic=CriticConfig(clip=0.2)),
+    )
     loss.sum().backward()
     close(values.grad, [[0.0, -1.0]])  # token 0 is clipped (constant), token 1 regresses: d/dV 0.5 (V - 1)^2 = -1
 
 
 def test_adaptive_kl_controller_hand_values():
     # KL above target: error clipped at +0.2, beta grows by 0.2 * n / horizon
-    assert adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, num_samples=256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    assert adaptive_kl_coef(0.1, kl=12.0, target=6.0, horizon=10000, num_samples=256) == pytest.approx(
+        0.1 * (1 + 0.2 * 256 / 10000)
+    )
     # slightly below target: proportional error -0.1
-    assert adaptive_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, num_samples=50) == pytest.approx(0.1 * (1 - 0.1 * 0.5))
+    assert adaptive_kl_coef(0.1, kl=5.4, target=6.0, horizon=100, num_samples=50) == pytest.approx(
+        0.1 * (1 - 0.1 * 0.5)
+    )
     # at target: unchanged; far below: error clipped at -0.2
     assert adaptive_kl_coef(0.3, kl=6.0, target=6.0, horizon=10, num_samples=10) == pytest.approx(0.3)
     assert adaptive_kl_coef(0.3, kl=0.0, target=6.0, horizon=10, num_samples=10) == pytest.approx(0.3 * 0.8)
@@ -122,7 +133,7 @@ def test_normalise_scores_whitens_and_clips():
     scores = torch.tensor([0.0, 1.0, 1.0, 2.0])
     mean, var = batch_moments(scores)
     assert (mean, var) == pytest.approx((1.0, 0.5))
-    close(normalise_scores(scores, mean, var, clip=0.0), [-2**0.5, 0.0, 0.0, 2**0.5], atol=1e-5)
+    close(normalise_scores(scores, mean, var, clip=0.0), [-(2**0.5), 0.0, 0.0, 2**0.5], atol=1e-5)
     close(normalise_scores(scores, mean, var, clip=1.0), [-1.0, 0.0, 0.0, 1.0])
 
 
@@ -182,24 +193,34 @@ def test_value_head_starts_at_zero_and_is_trained_with_the_trunk(tiny_model):
     values.sum().backward()
     assert model.value_head.weight.grad is not None and float(model.value_head.weight.grad.abs().sum()) > 0
 
+
 def test_ppo_preset_values(compose_config):
     algo = compose_config("algo=ppo").algo
-    assert (algo.advantage, algo.critic.type, algo.critic.loss, algo.lam, algo.kl.placement) == ("gae", "separate", "clipped", 0.95, "reward")
+    assert (algo.advantage, algo.critic.type, algo.critic.loss, algo.lam, algo.kl.placement) == (
+        "gae",
+        "separate",
+        "clipped",
+        0.95,
+        "reward",
+    )
     assert (algo.reward_norm, algo.reward_clip, algo.norm_adv_by_std) == ("running", 5.0, True)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("algo=grpo", "algo.advantage=gae"), "needs a critic"),
-    (("algo=grpo", "algo.critic.type=separate"), "only gae reads one"),
-    (("algo=ppo", "algo.critic.type=head"), "algo.critic.type"),
-    (("algo=ppo", "algo.lam=1.5"), "algo.lam"),
-    (("algo=ppo", "algo.kl.target=6.0", "algo.kl.coef=0"), "algo.kl.target"),
-    (("algo=ppo", "algo.reward_norm=global"), "algo.reward_norm"),
-    (("algo=ppo", "algo.critic.clip=-1"), "algo.critic.clip"),
-    (("algo=grpo", "algo.critic.pretrain_steps=3"), "needs a critic"),
-    (("algo=rebel", "algo.group_size=4"), "algo.group_size=2"),
-    (("algo=apa", "algo.apa_lambda=0"), "algo.apa_lambda"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("algo=grpo", "algo.advantage=gae"), "needs a critic"),
+        (("algo=grpo", "algo.critic.type=separate"), "only gae reads one"),
+        (("algo=ppo", "algo.critic.type=head"), "algo.critic.type"),
+        (("algo=ppo", "algo.lam=1.5"), "algo.lam"),
+        (("algo=ppo", "algo.kl.target=6.0", "algo.kl.coef=0"), "algo.kl.target"),
+        (("algo=ppo", "algo.reward_norm=global"), "algo.reward_norm"),
+        (("algo=ppo", "algo.critic.clip=-1"), "algo.critic.clip"),
+        (("algo=grpo", "algo.critic.pretrain_steps=3"), "needs a critic"),
+        (("algo=rebel", "algo.group_size=4"), "algo.group_size=2"),
+        (("algo=apa", "algo.apa_lambda=0"), "algo.apa_lambda"),
+    ],
+)
 def test_validation_rejects_bad_ppo_knobs(compose_config, overrides, message):
     from rlkit.validate import validate
 
@@ -227,8 +248,12 @@ def test_rebel_loss_regresses_reward_differences_on_log_ratio_differences():
     group_index = torch.tensor([1, 0, 1, 0])
     mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
     old = torch.zeros(4, 2)
-    log_prob = torch.tensor([[0.1, 0.1], [0.3, 9.0], [0.0, 0.0], [-0.1, 0.0]])  # sequence log-ratios 0.2, 0.3 (padding ignored), 0, -0.1
-    advantages = torch.tensor([0.5, 0.25, -0.5, -0.25])[:, None] * mask  # reward differences: pair 1 -> 1.0, pair 0 -> 0.5
+    log_prob = torch.tensor(
+        [[0.1, 0.1], [0.3, 9.0], [0.0, 0.0], [-0.1, 0.0]]
+    )  # sequence log-ratios 0.2, 0.3 (padding ignored), 0, -0.1
+    advantages = (
+        torch.tensor([0.5, 0.25, -0.5, -0.25])[:, None] * mask
+    )  # reward differences: pair 1 -> 1.0, pair 0 -> 0.5
     loss, _ = rebel_loss(log_prob, old, advantages, mask, cfg(rebel_eta=0.5), group_index=group_index)
     # pair 1: (0.2 - 0) / 0.5 - 1.0 = -0.6 -> 0.36; pair 0: (0.3 - (-0.1)) / 0.5 - 0.5 = 0.3 -> 0.09
     close(loss[:, 0], [0.36, 0.09, 0.36, 0.09])

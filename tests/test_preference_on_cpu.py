@@ -1,6 +1,7 @@
 """Preference, ranking and reward-model pieces as pure functions: every loss against
 hand-computed values, DPO's gradient direction, the response selections, and the
 preference tasks' parsing (HH dialogues, malformed rows, the held-out split)."""
+
 from __future__ import annotations
 
 import gzip
@@ -24,8 +25,13 @@ CFG = SimpleNamespace(beta=0.5, label_smoothing=0.2, rpo_alpha=2.0, sft_weight=0
 
 
 def pair(chosen: float, rejected: float, ref_chosen: float, ref_rejected: float, lengths=(2.0, 4.0)) -> ResponseSet:
-    return ResponseSet(torch.tensor([[chosen, rejected]]), torch.tensor([[ref_chosen, ref_rejected]]),
-                       torch.tensor([list(lengths)]), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2))
+    return ResponseSet(
+        torch.tensor([[chosen, rejected]]),
+        torch.tensor([[ref_chosen, ref_rejected]]),
+        torch.tensor([list(lengths)]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.ones(1, 2),
+    )
 
 
 def sigmoid(x: float) -> float:
@@ -37,14 +43,17 @@ H, BETA_H = 2.0, 1.0
 PAIR = dict(chosen=-3.0, rejected=-5.0, ref_chosen=-4.0, ref_rejected=-4.0)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("sigmoid", -math.log(sigmoid(BETA_H))),
-    ("ipo", (H - 1 / (2 * 0.5)) ** 2),
-    ("hinge", max(0.0, 1 - BETA_H)),
-    ("cdpo", -0.8 * math.log(sigmoid(BETA_H)) - 0.2 * math.log(sigmoid(-BETA_H))),
-    ("robust", (-0.8 * math.log(sigmoid(BETA_H)) + 0.2 * math.log(sigmoid(-BETA_H))) / 0.6),
-    ("rpo", -math.log(sigmoid(BETA_H)) + 2.0 * 3.0 / 2.0),  # chosen NLL -3 over 2 tokens, alpha 2
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("sigmoid", -math.log(sigmoid(BETA_H))),
+        ("ipo", (H - 1 / (2 * 0.5)) ** 2),
+        ("hinge", max(0.0, 1 - BETA_H)),
+        ("cdpo", -0.8 * math.log(sigmoid(BETA_H)) - 0.2 * math.log(sigmoid(-BETA_H))),
+        ("robust", (-0.8 * math.log(sigmoid(BETA_H)) + 0.2 * math.log(sigmoid(-BETA_H))) / 0.6),
+        ("rpo", -math.log(sigmoid(BETA_H)) + 2.0 * 3.0 / 2.0),  # chosen NLL -3 over 2 tokens, alpha 2
+    ],
+)
 def test_pairwise_losses_match_hand_computed_values(name, expected):
     loss, metrics = PREFERENCE_LOSSES.get(name)(pair(**PAIR), CFG)
     assert loss.shape == (1,)
@@ -59,12 +68,16 @@ def test_hinge_is_positive_inside_the_margin():
 
 def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     log_probs = torch.tensor([[-3.0, -5.0]], requires_grad=True)
-    responses = ResponseSet(log_probs, torch.tensor([[-4.0, -4.0]]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2))
+    responses = ResponseSet(
+        log_probs, torch.tensor([[-4.0, -4.0]]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), torch.ones(1, 2)
+    )
     for name in ("sigmoid", "ipo", "cdpo", "robust", "rpo"):
         log_probs.grad = None
         loss, _ = PREFERENCE_LOSSES.get(name)(responses, SimpleNamespace(**{**vars(CFG), "beta": 0.1}))
         loss.sum().backward()
-        assert log_probs.grad[0, 0] < 0 < log_probs.grad[0, 1], name  # descent raises log pi(chosen), lowers log pi(rejected)
+        assert log_probs.grad[0, 0] < 0 < log_probs.grad[0, 1], (
+            name
+        )  # descent raises log pi(chosen), lowers log pi(rejected)
     # DPO's gradient, Eq. 8: -beta sigmoid(-beta h) on the chosen log-prob
     log_probs.grad = None
     PREFERENCE_LOSSES.get("sigmoid")(responses, SimpleNamespace(beta=0.1))[0].sum().backward()
@@ -74,8 +87,13 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
 
 def ranked(log_probs, lengths, scores, mask=None) -> ResponseSet:
     log_probs = torch.tensor([log_probs])
-    return ResponseSet(log_probs, None, torch.tensor([lengths]), torch.tensor([scores]),
-                       torch.ones_like(log_probs) if mask is None else torch.tensor([mask]))
+    return ResponseSet(
+        log_probs,
+        None,
+        torch.tensor([lengths]),
+        torch.tensor([scores]),
+        torch.ones_like(log_probs) if mask is None else torch.tensor([mask]),
+    )
 
 
 def test_rrhf_ranking_hinge_and_sft_term():
@@ -96,7 +114,9 @@ def test_pro_listwise_loss_and_padding():
     assert loss.item() == pytest.approx(first + second + 0.5 * 1.0, rel=1e-5)
     # a masked third slot makes it a pair: -log sigmoid(p1 - p2), and gradients stay finite
     log_probs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
-    padded = ResponseSet(log_probs, None, torch.ones(1, 3), torch.tensor([[3.0, 2.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]]))
+    padded = ResponseSet(
+        log_probs, None, torch.ones(1, 3), torch.tensor([[3.0, 2.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    )
     loss, metrics = PREFERENCE_LOSSES.get("pro")(padded, CFG)
     assert metrics["listwise_loss"].item() == pytest.approx(-math.log(sigmoid(1.0)), rel=1e-5)
     loss.sum().backward()
@@ -104,8 +124,13 @@ def test_pro_listwise_loss_and_padding():
 
 
 def test_sft_loss_averages_kept_responses_and_ignores_empty_sets():
-    responses = ResponseSet(torch.tensor([[-2.0, -6.0], [-1.0, -1.0]]), None, torch.tensor([[2.0, 3.0], [1.0, 1.0]]),
-                            torch.zeros(2, 2), torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    responses = ResponseSet(
+        torch.tensor([[-2.0, -6.0], [-1.0, -1.0]]),
+        None,
+        torch.tensor([[2.0, 3.0], [1.0, 1.0]]),
+        torch.zeros(2, 2),
+        torch.tensor([[1.0, 1.0], [0.0, 0.0]]),
+    )
     loss, _ = PREFERENCE_LOSSES.get("sft")(responses, CFG)
     assert loss.tolist() == pytest.approx([(1.0 + 2.0) / 2, 0.0])
 
@@ -158,9 +183,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def test_malformed_rows_are_counted_not_fatal(tmp_path):
     good = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(10)]
-    bad = [{"prompt": "q", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": " ", "rejected": "x"},
-           {"prompt": "q", "rejected": "x"}, "not json", [1, 2]]
-    task = build_task(task_cfg("preference", write_jsonl(tmp_path / "pairs.jsonl.gz", good + bad), test_fraction=0.2, split_seed=3))
+    bad = [
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": " ", "rejected": "x"},
+        {"prompt": "q", "rejected": "x"},
+        "not json",
+        [1, 2],
+    ]
+    task = build_task(
+        task_cfg("preference", write_jsonl(tmp_path / "pairs.jsonl.gz", good + bad), test_fraction=0.2, split_seed=3)
+    )
     train, test = task.split("train"), task.split("test")
     assert (len(train), len(test)) == (8, 2)
     assert set(train["question"]) | set(test["question"]) == {f"q{i}" for i in range(10)}
@@ -172,7 +204,9 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path):
 
 
 def test_ranking_rows_sorted_best_first(tmp_path):
-    rows = [{"prompt": "p", "responses": ["b", "a", "c"], "scores": [2, 3, 1]}] * 2 + [{"prompt": "p", "responses": ["a"], "scores": [1, 2]}]
+    rows = [{"prompt": "p", "responses": ["b", "a", "c"], "scores": [2, 3, 1]}] * 2 + [
+        {"prompt": "p", "responses": ["a"], "scores": [1, 2]}
+    ]
     task = build_task(task_cfg("ranking", write_jsonl(tmp_path / "train.jsonl.gz", rows), test_fraction=0.5))
     row = task.split("train")[0]
     assert row["responses"] == ["a", "b", "c"] and row["scores"] == [3.0, 2.0, 1.0]
@@ -181,7 +215,9 @@ def test_ranking_rows_sorted_best_first(tmp_path):
 
 
 def test_single_file_needs_a_test_fraction(tmp_path):
-    task = build_task(task_cfg("preference", write_jsonl(tmp_path / "p.jsonl.gz", [{"prompt": "q", "chosen": "a", "rejected": "b"}])))
+    task = build_task(
+        task_cfg("preference", write_jsonl(tmp_path / "p.jsonl.gz", [{"prompt": "q", "chosen": "a", "rejected": "b"}]))
+    )
     with pytest.raises(ConfigError, match="test_fraction"):
         task.split("train")
 
@@ -197,13 +233,22 @@ def test_hh_sample_parses_with_few_malformed_rows():
     assert row["question"].endswith("\n\nAssistant:") and row["chosen"] != row["rejected"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("algo=dpo",), "algo.loop=preference needs a preference task"),
-    (("algo=online_dpo", "task=hh", "reward=model"), "reward.terms.model.args.path is required"),
-    (("algo=online_dpo", "task=hh", "algo.reference=precomputed"), "algo.reference=precomputed needs fixed responses"),
-    (("algo=cdpo", "task=hh", "algo.label_smoothing=0.5"), "algo.label_smoothing=0.5 must be in [0, 0.5)"),
-    (("algo=dpo", "task=hh", "algo.preference_loss=nope"), "algo.preference_loss='nope' is not one of: cdpo, hinge, ipo, pro, robust, rpo, rrhf, sft, sigmoid"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("algo=dpo",), "algo.loop=preference needs a preference task"),
+        (("algo=online_dpo", "task=hh", "reward=model"), "reward.terms.model.args.path is required"),
+        (
+            ("algo=online_dpo", "task=hh", "algo.reference=precomputed"),
+            "algo.reference=precomputed needs fixed responses",
+        ),
+        (("algo=cdpo", "task=hh", "algo.label_smoothing=0.5"), "algo.label_smoothing=0.5 must be in [0, 0.5)"),
+        (
+            ("algo=dpo", "task=hh", "algo.preference_loss=nope"),
+            "algo.preference_loss='nope' is not one of: cdpo, hinge, ipo, pro, robust, rpo, rrhf, sft, sigmoid",
+        ),
+    ],
+)
 def test_preference_config_errors_name_the_key(overrides, message, compose_config):
     from rlkit.validate import validate
 

@@ -1,4 +1,5 @@
 """Rule rewards for numeric answers, and the reward registry / composition."""
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -146,7 +147,13 @@ def test_math_answer_reward():
     completions = ["2+2=4\n#### 4", "#### 1,000", "the answer is \\boxed{\\frac{1}{2}}", "#### 5", "no idea"]
     answers = ["4", "1000", "0.5", "6", "3"]
     # correct, correct (separator), correct (latex fraction), wrong number, no number
-    assert math_answer_reward(["p"] * 5, completions, answer=answers, solution=["ignored"] * 5) == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert math_answer_reward(["p"] * 5, completions, answer=answers, solution=["ignored"] * 5) == [
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
 
 
 def test_math_format_reward_default_pattern():
@@ -210,7 +217,9 @@ def test_build_reward_from_weighted_terms():
     )
     reward = build_reward(cfg)
     assert [t.name for t in reward.terms] == ["correct", "format"]
-    totals, per_term = reward(["q1", "q2", "q3"], ["#### 4", "it is 5, #### 5 apples", "#### 7"], answer=["4", "5", "8"])
+    totals, per_term = reward(
+        ["q1", "q2", "q3"], ["#### 4", "it is 5, #### 5 apples", "#### 7"], answer=["4", "5", "8"]
+    )
     # row 1: correct 1, format 1 -> 1 + 0.5 = 1.5
     # row 2: "#### 5" is found, correct 1; ends with "apples", format 0 -> 1.0
     # row 3: wrong answer 0; format 1 -> 0.5
@@ -228,12 +237,13 @@ def test_build_reward_binds_term_args():
 
 def test_build_reward_with_user_function(tmp_path, monkeypatch):
     (tmp_path / "rlkit_test_user_rewards.py").write_text(
-        "def length_reward(prompts, completions, **fields):\n"
-        "    return [float(len(c)) for c in completions]\n"
+        "def length_reward(prompts, completions, **fields):\n    return [float(len(c)) for c in completions]\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     # `fn` replaces `terms` entirely: the registered term below is not used
-    cfg = reward_node(fn="rlkit_test_user_rewards:length_reward", terms={"x": {"fn": "math_answer", "weight": 1.0, "args": {}}})
+    cfg = reward_node(
+        fn="rlkit_test_user_rewards:length_reward", terms={"x": {"fn": "math_answer", "weight": 1.0, "args": {}}}
+    )
     reward = build_reward(cfg)
     assert [(t.name, t.weight) for t in reward.terms] == [("length_reward", 1.0)]
     totals, per_term = reward(["p", "p"], ["abc", "hello"])
@@ -262,7 +272,9 @@ def test_resolve_reward_fn_missing_module():
 
 
 def test_resolve_reward_fn_missing_attribute(tmp_path, monkeypatch):
-    (tmp_path / "rlkit_test_attr_rewards.py").write_text("NOT_A_FUNCTION = 3\n\ndef real(prompts, completions, **_):\n    return []\n")
+    (tmp_path / "rlkit_test_attr_rewards.py").write_text(
+        "NOT_A_FUNCTION = 3\n\ndef real(prompts, completions, **_):\n    return []\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert resolve_reward_fn("rlkit_test_attr_rewards:real").__name__ == "real"
     with pytest.raises(ValueError, match="module 'rlkit_test_attr_rewards' has no function 'missing'"):

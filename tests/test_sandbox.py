@@ -5,6 +5,7 @@ worked: a score of 0 means it was stopped or contained. Each also checks the hos
 (files, sockets, leftover processes). Limits are small so the suite stays fast; the fork
 bomb runs under max_processes=4, which was checked with a bounded fork loop first.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ LIMITS = dict(wall_seconds=4, cpu_seconds=2, memory_mb=256, max_processes=4)
 
 def score(body: str) -> float:
     """The code reward of a completion that continues ``PROMPT`` with ``body``."""
-    return code_tests_reward([PROMPT], ["    " + body.replace("\n", "\n    ") + "\n"], [PROMPT], [TESTS], ["add"], **LIMITS)[0]
+    return code_tests_reward(
+        [PROMPT], ["    " + body.replace("\n", "\n    ") + "\n"], [PROMPT], [TESTS], ["add"], **LIMITS
+    )[0]
 
 
 def sandbox_processes() -> list[str]:
@@ -41,7 +44,9 @@ def sandbox_processes() -> list[str]:
     uid = SandboxLimits().uid if os.geteuid() == 0 else os.getuid()
     user = pwd.getpwuid(uid).pw_name
     listed = subprocess.run(["ps", "-u", user, "-o", "stat=,cmd="], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in listed if not line.strip().startswith("Z") and ("bwrap" in line or "python3 -I -S" in line)]
+    return [
+        line for line in listed if not line.strip().startswith("Z") and ("bwrap" in line or "python3 -I -S" in line)
+    ]
 
 
 def test_correct_and_wrong_completions_score_one_and_zero():
@@ -73,8 +78,11 @@ def test_fork_bomb_is_contained_and_leaves_no_process():
     while sandbox_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert sandbox_processes() == []
-    counted = run_python("import os\nn = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n            import time; time.sleep(2); os._exit(0)\n"
-                         "        n += 1\n    except OSError:\n        pass\nprint(n)", SandboxLimits(max_processes=6))
+    counted = run_python(
+        "import os\nn = 0\nfor _ in range(50):\n    try:\n        if os.fork() == 0:\n            import time; time.sleep(2); os._exit(0)\n"
+        "        n += 1\n    except OSError:\n        pass\nprint(n)",
+        SandboxLimits(max_processes=6),
+    )
     assert 0 < int(counted.stdout) < 6  # the process limit holds (bwrap's init and the program count too)
 
 
@@ -99,7 +107,12 @@ def test_host_files_can_be_neither_read_deleted_nor_written(tmp_path: Path):
     assert score("open('/usr/pwned', 'w').write('x')\nreturn a + b") == 0.0
     assert score("open('/tmp/pwned', 'w').write('x')\nreturn a + b") == 0.0
     assert score(f"return a + b if 's3cret' in open({str(secret_file)!r}).read() else 0") == 0.0
-    assert score("import shutil\nshutil.rmtree('/usr/lib/python3', ignore_errors=True)\nimport os\nreturn a + b if not os.path.exists('/usr/lib/python3') else 0") == 0.0
+    assert (
+        score(
+            "import shutil\nshutil.rmtree('/usr/lib/python3', ignore_errors=True)\nimport os\nreturn a + b if not os.path.exists('/usr/lib/python3') else 0"
+        )
+        == 0.0
+    )
     assert target.read_text() == "keep me"
     assert not (tmp_path / "pwned").exists() and not Path("/usr/pwned").exists() and not Path("/tmp/pwned").exists()
     assert Path("/usr/lib/python3").exists()
@@ -117,8 +130,10 @@ def test_the_working_directory_is_writable_but_thrown_away():
 
 def test_environment_secrets_are_not_visible(monkeypatch):
     monkeypatch.setenv("RLKIT_TEST_SECRET", "hunter2-env")
-    attack = ("import os, glob\nseen = str(dict(os.environ))\nfor path in glob.glob('/proc/*/environ'):\n    try:\n        seen += open(path, 'rb').read().decode(errors='ignore')\n"
-              "    except OSError:\n        pass\nreturn a + b if 'hunter2' in seen else 0")
+    attack = (
+        "import os, glob\nseen = str(dict(os.environ))\nfor path in glob.glob('/proc/*/environ'):\n    try:\n        seen += open(path, 'rb').read().decode(errors='ignore')\n"
+        "    except OSError:\n        pass\nreturn a + b if 'hunter2' in seen else 0"
+    )
     assert score(attack) == 0.0
     assert "hunter2" not in run_python("import os\nprint(dict(os.environ))").stdout
 
@@ -140,12 +155,16 @@ def test_network_is_unreachable_even_on_loopback():
 
 
 def test_output_flood_is_capped():
-    result = run_python("while True:\n    print('x' * 100000)", SandboxLimits(wall_seconds=3, file_size_mb=4, output_bytes=1000))
+    result = run_python(
+        "while True:\n    print('x' * 100000)", SandboxLimits(wall_seconds=3, file_size_mb=4, output_bytes=1000)
+    )
     assert len(result.stdout) == 1000  # the caller keeps only output_bytes; the file was capped at 4 MB
 
 
 def test_program_source_continues_the_prompt_or_takes_a_fenced_function():
-    assert program_source(PROMPT, "    return a + b\n\ndef extra(): pass\nprint(1)") == PROMPT + "    return a + b\n"  # HumanEval stop sequences
+    assert (
+        program_source(PROMPT, "    return a + b\n\ndef extra(): pass\nprint(1)") == PROMPT + "    return a + b\n"
+    )  # HumanEval stop sequences
     fenced = "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     assert program_source(PROMPT, fenced, "add") == "def add(a, b):\n    return a + b\n"
     assert program_source(PROMPT, "```python\n    return a + b\n```", "add") == PROMPT + "    return a + b\n"

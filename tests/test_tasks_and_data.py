@@ -1,5 +1,6 @@
 """Tasks, prompt formatting, the prompt sampler and small helpers (pass@k, EOS masks,
 LR schedule, run names), checked against hand-worked values."""
+
 from __future__ import annotations
 
 import json
@@ -23,11 +24,20 @@ from rlkit.tasks.arith import ArithTask
 from rlkit.tasks.gsm8k import GSM8KTask
 
 GSM8K_DIR = Path(__file__).resolve().parents[2] / "shared/data/gsm8k"
-needs_gsm8k = pytest.mark.skipif(not (GSM8K_DIR / "train.jsonl").is_file(), reason=f"GSM8K data not found at {GSM8K_DIR}")
+needs_gsm8k = pytest.mark.skipif(
+    not (GSM8K_DIR / "train.jsonl").is_file(), reason=f"GSM8K data not found at {GSM8K_DIR}"
+)
 
 
-def task_cfg(name="arith", path=None, options=None, max_train_rows=None, prompt_template="{question}=",
-             use_chat_template=True, system_prompt=None):
+def task_cfg(
+    name="arith",
+    path=None,
+    options=None,
+    max_train_rows=None,
+    prompt_template="{question}=",
+    use_chat_template=True,
+    system_prompt=None,
+):
     """A ``task`` node with the fields of rlkit.config.TaskConfig."""
     return OmegaConf.create(
         {
@@ -63,7 +73,7 @@ def test_arith_splits_sizes_distinct_test_and_no_leak():
     assert set(train.column_names) >= {"question", "answer", "solution"}
     test_questions = list(test["question"])
     assert len(set(test_questions)) == len(test_questions)  # test questions are distinct
-    assert not set(list(train["question"])) & set(test_questions)  # no training question is a test question
+    assert not set(train["question"]) & set(test_questions)  # no training question is a test question
 
 
 def test_arith_solution_format_hand_checked():
@@ -127,7 +137,10 @@ def test_arith_max_train_rows_caps_train_only():
     assert len(task.split("train")) == 25
     assert len(task.split("test")) == 60
     # the capped rows are the first rows of the uncapped split
-    assert list(task.split("train")["question"]) == list(ArithTask(task_cfg(options=SMALL)).split("train")["question"])[:25]
+    assert (
+        list(task.split("train")["question"])
+        == list(ArithTask(task_cfg(options=SMALL)).split("train")["question"])[:25]
+    )
 
 
 def test_arith_unknown_option_key_raises_listing_valid_keys():
@@ -197,8 +210,10 @@ def test_gsm8k_answer_is_the_final_number_and_solution_kept(gsm8k):
 
 def test_gsm8k_local_dir_missing_test_file(tmp_path):
     (tmp_path / "train.jsonl").write_text(
-        json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"}) + "\n"
-        + json.dumps({"question": "How many?", "answer": "10*100=1000\n#### 1,000"}) + "\n"
+        json.dumps({"question": "1+1?", "answer": "1+1=2\n#### 2"})
+        + "\n"
+        + json.dumps({"question": "How many?", "answer": "10*100=1000\n#### 1,000"})
+        + "\n"
     )
     task = GSM8KTask(task_cfg(name="gsm8k", path=str(tmp_path)))
     train = task.split("train")
@@ -270,7 +285,10 @@ def test_tiny_tokenizer_gives_ids_and_mask_only_after_a_reload(tokenizer, tmp_pa
     from transformers import AutoTokenizer
 
     tokenizer.save_pretrained(tmp_path)
-    assert set(AutoTokenizer.from_pretrained(tmp_path)(["12+34="], return_tensors="pt")) == {"input_ids", "attention_mask"}
+    assert set(AutoTokenizer.from_pretrained(tmp_path)(["12+34="], return_tensors="pt")) == {
+        "input_ids",
+        "attention_mask",
+    }
 
 
 def test_format_prompt_without_chat_template(tokenizer):
@@ -289,7 +307,12 @@ def test_format_prompt_chat_template_branch(tokenizer, monkeypatch):
     with_system = task_cfg(prompt_template="{question}=", system_prompt="Be brief.")
     assert format_prompt(row, with_system, tokenizer) == "<|system|>Be brief.\n<|user|>7*8=\n<|assistant|>"
     # use_chat_template: false ignores the tokenizer's template
-    assert format_prompt(row, task_cfg(prompt_template="{question}=", use_chat_template=False, system_prompt="x"), tokenizer) == "7*8="
+    assert (
+        format_prompt(
+            row, task_cfg(prompt_template="{question}=", use_chat_template=False, system_prompt="x"), tokenizer
+        )
+        == "7*8="
+    )
 
 
 def test_format_prompt_unknown_column_is_a_config_error():
@@ -438,7 +461,12 @@ def test_deep_merge_overrides_nested_keys_without_mutating_inputs():
     base = {"zero_optimization": {"stage": 0, "offload": {"device": "none"}}, "bf16": {"enabled": False}, "steps": 1}
     override = {"zero_optimization": {"offload": {"device": "cpu"}}, "bf16": True, "new": 3}
     merged = _deep_merge(base, override)
-    assert merged == {"zero_optimization": {"stage": 0, "offload": {"device": "cpu"}}, "bf16": True, "steps": 1, "new": 3}
+    assert merged == {
+        "zero_optimization": {"stage": 0, "offload": {"device": "cpu"}},
+        "bf16": True,
+        "steps": 1,
+        "new": 3,
+    }
     assert base["zero_optimization"]["offload"] == {"device": "none"}
 
 

@@ -1,11 +1,11 @@
 """End to end: `rlkit train` on the SQL and HumanEval tasks with the tiny model, checking
 that per-term rewards, failure counts and the task's evaluation metrics are logged."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_overrides, read_json, read_metrics, rlkit
 
 pytestmark = pytest.mark.slow
@@ -15,7 +15,9 @@ ARITH_ONLY = ("task.options.train_size", "task.options.test_size")
 
 
 def test_sql_task_trains_and_reports(tmp_path: Path):
-    args = fast_overrides("task=sql", "task.options.train_size=200", "task.options.test_size=16", "task.max_new_tokens=32", "run_name=sql")
+    args = fast_overrides(
+        "task=sql", "task.options.train_size=200", "task.options.test_size=16", "task.max_new_tokens=32", "run_name=sql"
+    )
     rlkit(["train", *args], tmp_path).check()
     run_dir = tmp_path / "outputs" / "sql"
     steps = [m for m in read_metrics(run_dir) if "reward/mean" in m]
@@ -34,9 +36,17 @@ def test_humaneval_task_runs_completions_in_the_sandbox(tmp_path: Path):
         check_sandbox()
     except SandboxUnavailable as error:  # as tests/test_sandbox.py: nothing runs unsandboxed
         pytest.skip(f"no sandbox: {error}")
-    args = fast_overrides("task=humaneval", f"task.path={HUMANEVAL}", "task.max_new_tokens=32", "eval.num_examples=8", "trainer.max_steps=2",
-                          "model.warmstart.steps=0", "model.tiny.max_position_embeddings=1024",  # prompts are long: no SFT on them
-                          "run_name=humaneval", drop=ARITH_ONLY)
+    args = fast_overrides(
+        "task=humaneval",
+        f"task.path={HUMANEVAL}",
+        "task.max_new_tokens=32",
+        "eval.num_examples=8",
+        "trainer.max_steps=2",
+        "model.warmstart.steps=0",
+        "model.tiny.max_position_embeddings=1024",  # prompts are long: no SFT on them
+        "run_name=humaneval",
+        drop=ARITH_ONLY,
+    )
     rlkit(["train", *args], tmp_path).check()
     run_dir = tmp_path / "outputs" / "humaneval"
     steps = [m for m in read_metrics(run_dir) if "reward/mean" in m]

@@ -2,6 +2,7 @@
 truncated-rollout pool against a scripted sampler (responses longer than a window are
 continued across steps, each is scored once, when it ends), the config checks, and the
 loop end to end: in-flight responses survive a checkpoint and are continued after resume."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,7 +84,9 @@ def test_bootstrap_lands_on_each_rows_last_token_whatever_its_length():
     close(returns[1], [2.5, 2.5, 0.0])
     close(advantages[0], [-0.5, -0.2, -0.4])
     # an empty row (no tokens this window) is left alone
-    empty, _ = generalized_advantages(torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.long), 1.0, 1.0, torch.tensor([5.0]))
+    empty, _ = generalized_advantages(
+        torch.zeros(1, 3), torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.long), 1.0, 1.0, torch.tensor([5.0])
+    )
     close(empty, [[0.0, 0.0, 0.0]])
 
 
@@ -125,11 +128,13 @@ class ScriptedSampler:
             seen = [t for t, m in zip(ids, mask) if m]
             script = SCRIPTS[seen[0]]
             assert seen[1:] == script[:n], "the continuation's prompt must be the prompt plus the response so far"
-            piece = script[n:n + cap]
+            piece = script[n : n + cap]
             rows.append(piece + [PAD] * (width - len(piece)))
         response_ids = torch.tensor(rows)
         response_mask, truncated = response_mask_from_eos(response_ids, EOS, max_new_tokens)
-        return Rollout(prompt_ids, prompt_mask, response_ids.masked_fill(response_mask == 0, PAD), response_mask, truncated)
+        return Rollout(
+            prompt_ids, prompt_mask, response_ids.masked_fill(response_mask == 0, PAD), response_mask, truncated
+        )
 
 
 def run_pool(pool: ResponsePool, queue: list[int], steps: int, sampler=None):
@@ -207,7 +212,10 @@ def test_whole_responses_put_the_score_on_the_last_token_after_the_recorded_shap
     b = InFlight(1, 102, "q", [102], tokens=[21], shaping=[0.0])
     rollout, rewards = whole_responses([a, b], [1.0, 0.5], PAD)
     assert rollout.prompt_ids.tolist() == [[101, 7], [PAD, 102]] and rollout.prompt_mask.tolist() == [[1, 1], [0, 1]]
-    assert rollout.response_ids.tolist() == [[11, 12, EOS], [21, PAD, PAD]] and rollout.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert rollout.response_ids.tolist() == [[11, 12, EOS], [21, PAD, PAD]] and rollout.response_mask.tolist() == [
+        [1, 1, 1],
+        [1, 0, 0],
+    ]
     close(rewards, [[-0.1, -0.2, 0.7], [0.5, 0.0, 0.0]])
 
 
@@ -224,11 +232,13 @@ def test_truncation_config_checks(compose_config):
 
     validate(compose_config("algo=tppo"))
     assert TruncationConfig().window == 0  # other loops read nothing
-    for overrides, message in ((["algo.truncation.window=0"], "window=0 must be at least 1"),
-                               (["algo.truncation.value_lam=1.5"], "value_lam"),
-                               (["algo.critic.type=shared_head"], "critic.type=separate"),
-                               (["algo.dynamic_sampling=true"], "dynamic_sampling"),
-                               (["algo=ppo", "algo.truncation.window=8"], "read only by algo.loop=truncated_ppo")):
+    for overrides, message in (
+        (["algo.truncation.window=0"], "window=0 must be at least 1"),
+        (["algo.truncation.value_lam=1.5"], "value_lam"),
+        (["algo.critic.type=shared_head"], "critic.type=separate"),
+        (["algo.dynamic_sampling=true"], "dynamic_sampling"),
+        (["algo=ppo", "algo.truncation.window=8"], "read only by algo.loop=truncated_ppo"),
+    ):
         with pytest.raises(ConfigError, match=message):
             validate(compose_config("algo=tppo", *overrides))
 
@@ -242,12 +252,33 @@ def distinct_characters(prompts, completions, **_) -> list[float]:
 
 def train_tppo(compose_config, run_dir: Path, *extra: str) -> list[dict]:
     from conftest import fast_overrides
+
     from rlkit.trainer import train
 
-    overrides = fast_overrides("trainer.eval_every=0", "eval.num_examples=4", "eval.pass_k=0", "model.warmstart.steps=0", "task.options.train_size=64",
-                               "task.options.test_size=8", "trainer.prompts_per_step_global=2", *extra, drop=("algo.group_size",))
-    train(compose_config("algo=tppo", f"reward.fn={__name__}:distinct_characters", "algo.lr=1e-3", "algo.truncation.window=8", *overrides), str(run_dir))
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"tppo/in_flight"' in line]
+    overrides = fast_overrides(
+        "trainer.eval_every=0",
+        "eval.num_examples=4",
+        "eval.pass_k=0",
+        "model.warmstart.steps=0",
+        "task.options.train_size=64",
+        "task.options.test_size=8",
+        "trainer.prompts_per_step_global=2",
+        *extra,
+        drop=("algo.group_size",),
+    )
+    train(
+        compose_config(
+            "algo=tppo",
+            f"reward.fn={__name__}:distinct_characters",
+            "algo.lr=1e-3",
+            "algo.truncation.window=8",
+            *overrides,
+        ),
+        str(run_dir),
+    )
+    return [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"tppo/in_flight"' in line
+    ]
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """VinePPO: the per-step advantage against hand-worked values, the step splitter, and the
 Monte-Carlo value estimator on a tiny model (prefixes, K continuations per state, values
 in the reward's range), plus the preset and its validation."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,13 @@ def close(actual, expected, atol=1e-6):
 
 
 def vine(rewards, mask, steps, values, **changes):
-    inputs = AdvantageInputs(torch.tensor(rewards), torch.tensor(mask), torch.arange(len(mask)),
-                             values=torch.tensor(values), step_ids=torch.tensor(steps))
+    inputs = AdvantageInputs(
+        torch.tensor(rewards),
+        torch.tensor(mask),
+        torch.arange(len(mask)),
+        values=torch.tensor(values),
+        step_ids=torch.tensor(steps),
+    )
     return vine_advantage(inputs, cfg(**changes))
 
 
@@ -40,10 +46,12 @@ def test_three_steps_and_a_padded_one_step_response():
     #   A0 = 0 + 0.25 - 0.5 = -0.25;  A1 = 0 + 1.0 - 0.25 = 0.75;  A2 = 1 + 0 - 1.0 = 0
     # row 1: one step of two tokens then padding (junk rewards, step ids and values there), V = 0.4, score 0
     #   A0 = 0 + 0 - 0.4 = -0.4
-    advantages, returns = vine([[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 9.0, 9.0]],
-                               [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
-                               [[0, 0, 1, 1, 2], [0, 0, 7, 7, 7]],
-                               [[0.5, 0.5, 0.25, 0.25, 1.0], [0.4, 0.4, 99.0, 99.0, 99.0]])
+    advantages, returns = vine(
+        [[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 9.0, 9.0]],
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+        [[0, 0, 1, 1, 2], [0, 0, 7, 7, 7]],
+        [[0.5, 0.5, 0.25, 0.25, 1.0], [0.4, 0.4, 99.0, 99.0, 99.0]],
+    )
     close(advantages, [[-0.25, -0.25, 0.75, 0.75, 0.0], [-0.4, -0.4, 0.0, 0.0, 0.0]])
     # returns: r + V(s_next), the Monte-Carlo Q
     close(returns, [[0.25, 0.25, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
@@ -71,9 +79,13 @@ def test_per_token_shaping_is_summed_per_step():
 
 
 def test_whitening_over_the_batch():
-    advantages, returns = vine([[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 9.0, 9.0]], [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
-                               [[0, 0, 1, 1, 2], [0, 0, 0, 0, 0]], [[0.5, 0.5, 0.25, 0.25, 1.0], [0.4, 0.4, 0.0, 0.0, 0.0]],
-                               norm_adv_by_std=True)
+    advantages, returns = vine(
+        [[0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 9.0, 9.0, 9.0]],
+        [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
+        [[0, 0, 1, 1, 2], [0, 0, 0, 0, 0]],
+        [[0.5, 0.5, 0.25, 0.25, 1.0], [0.4, 0.4, 0.0, 0.0, 0.0]],
+        norm_adv_by_std=True,
+    )
     tokens = advantages[torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()].double()
     assert abs(float(tokens.mean())) < 1e-6 and abs(float(tokens.std(unbiased=False)) - 1) < 1e-5
     assert float(advantages[1, 2:].abs().sum()) == 0.0
@@ -100,9 +112,13 @@ def test_split_steps_at_delimiters_lengths_eos_and_padding():
     eos, newline = 1, 5
     boundary = torch.zeros(10, dtype=torch.bool)
     boundary[newline] = True
-    ids = torch.tensor([[7, newline, 8, 8, newline, 9, eos],  # two lines and an answer
-                        [7, 8, newline, eos, 0, 0, 0],        # a newline right before EOS: EOS joins the last step
-                        [7, 7, 7, 7, 7, 7, 7]])               # no delimiter: one step (truncated)
+    ids = torch.tensor(
+        [
+            [7, newline, 8, 8, newline, 9, eos],  # two lines and an answer
+            [7, 8, newline, eos, 0, 0, 0],  # a newline right before EOS: EOS joins the last step
+            [7, 7, 7, 7, 7, 7, 7],
+        ]
+    )  # no delimiter: one step (truncated)
     mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0], [1] * 7])
     steps = split_steps(ids, mask, boundary=boundary, step_tokens=0, eos_token_id=eos)
     assert steps.tolist() == [[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 0], [0] * 7]
@@ -121,7 +137,9 @@ def test_split_steps_at_delimiters_lengths_eos_and_padding():
 def tiny():
     from rlkit.models import build_tiny_model
 
-    arch = SimpleNamespace(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, vocab_size=96, max_position_embeddings=128)
+    arch = SimpleNamespace(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, vocab_size=96, max_position_embeddings=128
+    )
     corpus = [f"{a}+{b}={a + b}\n#### {a + b}" for a in range(20) for b in range(20)]
     return build_tiny_model(arch, corpus, seed=0)
 
@@ -153,12 +171,32 @@ def hand_groups(tokenizer, device="cpu"):
     response_ids = torch.full((4, width), tokenizer.pad_token_id)
     response_mask = torch.zeros(4, width, dtype=torch.long)
     for i, ids in enumerate(responses):
-        response_ids[i, :len(ids)] = torch.tensor(ids)
-        response_mask[i, :len(ids)] = 1
-    encoded = tokenizer([p for p in prompts for _ in range(2)], return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-    rollout = Rollout(encoded["input_ids"], encoded["attention_mask"], response_ids, response_mask, torch.tensor([False, False, False, True]))
-    rows = [{"question": p[:-1], "answer": a} for p, a in (("3+4=", "7"), ("3+4=", "7"), ("12+30=", "42"), ("12+30=", "42"))]
-    return Groups(rows, [p for p in prompts for _ in range(2)], rollout.to(device), texts, [1.0, 0.0, 1.0, 0.0], {}, None, 2), responses, width
+        response_ids[i, : len(ids)] = torch.tensor(ids)
+        response_mask[i, : len(ids)] = 1
+    encoded = tokenizer(
+        [p for p in prompts for _ in range(2)],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=False,
+    )
+    rollout = Rollout(
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        response_ids,
+        response_mask,
+        torch.tensor([False, False, False, True]),
+    )
+    rows = [
+        {"question": p[:-1], "answer": a} for p, a in (("3+4=", "7"), ("3+4=", "7"), ("12+30=", "42"), ("12+30=", "42"))
+    ]
+    return (
+        Groups(
+            rows, [p for p in prompts for _ in range(2)], rollout.to(device), texts, [1.0, 0.0, 1.0, 0.0], {}, None, 2
+        ),
+        responses,
+        width,
+    )
 
 
 def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
@@ -184,7 +222,10 @@ def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
     steps = estimate.step_ids
     newline_at = [r.index(tokenizer("\n", add_special_tokens=False)["input_ids"][0]) for r in responses[:3]]
     for row in range(3):
-        assert steps[row, :newline_at[row] + 1].eq(0).all() and steps[row, newline_at[row] + 1:len(responses[row])].eq(1).all()
+        assert (
+            steps[row, : newline_at[row] + 1].eq(0).all()
+            and steps[row, newline_at[row] + 1 : len(responses[row])].eq(1).all()
+        )
     assert steps[3].eq(0).all()
 
     # states: each prompt once (shared by its group); rows 0 and 1 share their first line; row 2 has its own; row 3 none
@@ -192,7 +233,9 @@ def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
     assert list(zip(estimate.state_rows, estimate.prefixes)) == expected
     assert len(sampled) == 1  # one batched call for every prefix
     prefix_ids, prefix_mask, kwargs = sampled[0]
-    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"].tolist() == [max_new - start for _, start in expected]  # each response's own budget
+    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"].tolist() == [
+        max_new - start for _, start in expected
+    ]  # each response's own budget
     for i, (row, start) in enumerate(expected):
         prompt = groups.rollout.prompt_ids[row][groups.rollout.prompt_mask[row].bool()].tolist()
         want = prompt + responses[row][:start]
@@ -228,13 +271,17 @@ def test_mc_values_force_the_budget_and_respect_min_new_tokens(tiny):
     model, tokenizer = tiny
     groups, responses, width = hand_groups(tokenizer)
     reward = RecordingReward()
-    estimator = MonteCarloValues(tokenizer, reward, VineConfig(k=4, step_delimiter="", step_tokens=2),
-                                 SamplingConfig(max_new_tokens=width, min_new_tokens=width - 1, temperature=2.0))
+    estimator = MonteCarloValues(
+        tokenizer,
+        reward,
+        VineConfig(k=4, step_delimiter="", step_tokens=2),
+        SamplingConfig(max_new_tokens=width, min_new_tokens=width - 1, temperature=2.0),
+    )
     torch.manual_seed(1)
     estimator(model, groups)
     for ids in reward.calls[0]["completion_ids"]:
         assert width - 1 <= len(ids) <= width  # no EOS before min_new_tokens, nothing past max_new_tokens
-        assert tokenizer.eos_token_id not in ids[:width - 2]
+        assert tokenizer.eos_token_id not in ids[: width - 2]
 
 
 # --------------------------------------------------------------------------- preset and validation
@@ -246,6 +293,16 @@ def test_vineppo_preset(compose_config):
     c = compose_config("algo=vineppo")
     validate(c)
     algo = c.algo
-    assert (algo.advantage, algo.policy_loss, algo.critic.type, algo.vine.step_delimiter) == ("vine", "clipped", "none", "\n")
-    assert algo.vine.k >= 1 and (algo.kl.coef, algo.kl.placement, algo.clip_low, algo.update_epochs) == (1e-4, "loss", 0.2, 2)
+    assert (algo.advantage, algo.policy_loss, algo.critic.type, algo.vine.step_delimiter) == (
+        "vine",
+        "clipped",
+        "none",
+        "\n",
+    )
+    assert algo.vine.k >= 1 and (algo.kl.coef, algo.kl.placement, algo.clip_low, algo.update_epochs) == (
+        1e-4,
+        "loss",
+        0.2,
+        2,
+    )
     assert AlgoConfig(name="x").vine.k == 0  # nothing is sampled for other algorithms

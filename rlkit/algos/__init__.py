@@ -3,13 +3,16 @@
 An ``algo=`` preset names one entry from each registry below; the training
 loop only ever looks them up by name.
 """
+
+from rlkit.algos import (
+    gae,  # noqa: F401,E402  (registers the "gae" estimator)
+    vine,  # noqa: F401,E402  (registers the "vine" estimator, VinePPO)
+)
 from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from rlkit.algos.aggregation import LOSS_AGGREGATIONS, aggregate_loss
 from rlkit.algos.kl import KL_ESTIMATORS
 from rlkit.algos.policy_losses import POLICY_LOSSES
 from rlkit.algos.value_losses import VALUE_LOSSES
-from rlkit.algos import gae  # noqa: F401,E402  (registers the "gae" estimator)
-from rlkit.algos import vine  # noqa: F401,E402  (registers the "vine" estimator, VinePPO)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

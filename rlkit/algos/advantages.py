@@ -3,6 +3,7 @@
 All are ``no_grad`` functions of rollout tensors. ``cfg`` is the ``algo`` config
 node; each estimator reads only the knobs it documents.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,10 @@ def _sums_over_processes(*values) -> list[float]:
     rlkit.engine is imported only when there is more than one process: importing it
     pulls in DeepSpeed, which the pure functions here should not pay for.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+    if (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_world_size() == 1
+    ):
         return [float(v) for v in values]
     from rlkit.engine.distributed import all_reduce_sum
 
@@ -198,8 +202,10 @@ def remax_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.T
     Returns (A, return-to-go). Knobs: none.
     """
     if inputs.baseline_scores is None:
-        raise ValueError("advantage 'remax' needs the greedy baseline score of every sample "
-                         "(AdvantageInputs.baseline_scores): set algo.baseline_rollout=greedy")
+        raise ValueError(
+            "advantage 'remax' needs the greedy baseline score of every sample "
+            "(AdvantageInputs.baseline_scores): set algo.baseline_rollout=greedy"
+        )
     mask = _float_mask(inputs.response_mask)
     returns = _returns_to_go(inputs.token_rewards, inputs.response_mask, 1.0)
     advantages = returns - inputs.baseline_scores.to(torch.float64)[:, None] * mask
@@ -301,7 +307,11 @@ def bnpo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
     p, _, size = group_stats(rewards, inputs.group_index)
     alpha, beta = bnpo_beta_parameters(p, size)
     log_beta_fn = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
-    log_density = torch.xlogy(torch.tensor(alpha - 1, dtype=p.dtype), p) + torch.xlogy(torch.tensor(beta - 1, dtype=p.dtype), 1 - p) - log_beta_fn
+    log_density = (
+        torch.xlogy(torch.tensor(alpha - 1, dtype=p.dtype), p)
+        + torch.xlogy(torch.tensor(beta - 1, dtype=p.dtype), 1 - p)
+        - log_beta_fn
+    )
     weight = torch.exp(-log_density).clamp(max=BNPO_MAX_WEIGHT)
     advantages = _broadcast((weight * (rewards - p)).float(), inputs.response_mask)
     return advantages, advantages

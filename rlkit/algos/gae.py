@@ -1,5 +1,6 @@
 """Generalized Advantage Estimation from a critic's values (the PPO estimator), with
 T-PPO's extension to responses that were cut off and go on (Extended GAE)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,14 @@ from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, _float
 
 
 @torch.no_grad()
-def generalized_advantages(token_rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float,
-                           bootstrap_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def generalized_advantages(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    bootstrap_values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns), both (B, T) float64 and 0 on padding.
 
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = sum_{k >= 0} (gamma lambda)^k delta_{t+k}
@@ -58,9 +65,12 @@ def gae_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Ten
     Zheng et al. 2023); returns are not. Knobs: ``gamma``, ``lam``, ``norm_adv_by_std``, ``adv_eps``.
     """
     if inputs.values is None:
-        raise ValueError("advantage 'gae' needs critic values (AdvantageInputs.values): set algo.critic.type=separate or shared_head")
-    advantages, returns = generalized_advantages(inputs.token_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam,
-                                                 inputs.bootstrap_values)
+        raise ValueError(
+            "advantage 'gae' needs critic values (AdvantageInputs.values): set algo.critic.type=separate or shared_head"
+        )
+    advantages, returns = generalized_advantages(
+        inputs.token_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam, inputs.bootstrap_values
+    )
     if cfg.norm_adv_by_std:
         advantages = _normalise_over_batch(advantages, inputs.response_mask, cfg.adv_eps, divide=True)
     return advantages.float(), returns.float()

@@ -6,6 +6,7 @@ With ``log_ratio = log pi(y) - log pi_ref(y)`` for y ~ pi:
   k2 = log_ratio**2 / 2                   biased, low variance
   k3 = exp(-log_ratio) + log_ratio - 1    unbiased, low variance, always >= 0
 """
+
 from __future__ import annotations
 
 import torch

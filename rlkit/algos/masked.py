@@ -1,4 +1,5 @@
 """Masked reductions shared by the algorithm functions."""
+
 from __future__ import annotations
 
 import torch
@@ -20,7 +21,9 @@ def group_stats(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.
     _, inverse = torch.unique(group_index, return_inverse=True)
     num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     scores = scores.to(torch.float64)
-    sizes = torch.zeros(num_groups, dtype=torch.float64, device=scores.device).index_add_(0, inverse, torch.ones_like(scores))
+    sizes = torch.zeros(num_groups, dtype=torch.float64, device=scores.device).index_add_(
+        0, inverse, torch.ones_like(scores)
+    )
     sums = torch.zeros_like(sizes).index_add_(0, inverse, scores)
     means = sums / sizes
     squares = torch.zeros_like(sizes).index_add_(0, inverse, (scores - means[inverse]) ** 2)

@@ -7,6 +7,7 @@ than logged. A loss may also name keyword arguments from :data:`OPTIONAL_INPUTS`
 ``group_index`` (B,) for pairwise losses; the loop then passes them and keeps each
 group's samples together in every micro-batch.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -88,7 +89,9 @@ def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
             "clip_frac": masked_mean((clipped < unclipped).float(), mask),
             "clip_frac_low": masked_mean(((ratio < 1.0 - cfg.clip_low) & (advantages < 0)).float(), mask),
             "clip_frac_high": masked_mean(((ratio > 1.0 + cfg.clip_high) & (advantages > 0)).float(), mask),
-            **_old_policy_metrics(token_log_ratio.clamp(-20.0, 20.0), torch.exp(token_log_ratio.clamp(-20.0, 20.0)), mask),
+            **_old_policy_metrics(
+                token_log_ratio.clamp(-20.0, 20.0), torch.exp(token_log_ratio.clamp(-20.0, 20.0)), mask
+            ),
             "seq_ratio_mean": masked_mean(torch.exp(seq_log_ratio.clamp(-20.0, 20.0)), has_tokens),
         }
     return loss, metrics
@@ -180,7 +183,10 @@ def apa_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob):
     loss = (log_prob - target) ** 2
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
-        metrics = {**_old_policy_metrics(log_ratio, torch.exp(log_ratio), mask), "log_ratio_to_init": masked_mean(log_prob - ref_log_prob, mask)}
+        metrics = {
+            **_old_policy_metrics(log_ratio, torch.exp(log_ratio), mask),
+            "log_ratio_to_init": masked_mean(log_prob - ref_log_prob, mask),
+        }
     return loss, metrics
 
 
@@ -189,7 +195,9 @@ def _pair_partner(group_index: torch.Tensor) -> torch.Tensor:
     same = group_index[:, None] == group_index[None, :]
     same.fill_diagonal_(False)
     if not bool((same.sum(-1) == 1).all()):
-        raise ValueError("a pairwise policy loss needs exactly two samples of every group in each micro-batch (algo.group_size=2)")
+        raise ValueError(
+            "a pairwise policy loss needs exactly two samples of every group in each micro-batch (algo.group_size=2)"
+        )
     return same.to(torch.int64).argmax(-1)
 
 

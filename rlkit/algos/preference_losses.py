@@ -6,6 +6,7 @@ it over prompts. ``metrics`` are scalar tensors. ``cfg`` is the ``algo`` node; e
 loss reads only the knobs it documents. Log-probabilities are summed over a
 response's tokens (its EOS included).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Score normalisation before the advantage (PPO-max's reward normalisation and clipping)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ prompt and their rewards, the ones to train on, best first.
 column indices into it, sorted by score, best first; ``mask`` (B, m) is 1 where a
 selected response exists (a prompt with nothing to learn from has an empty row).
 """
+
 from __future__ import annotations
 
 import torch

@@ -15,6 +15,7 @@ i.e. the smallest set of most-probable tokens whose mass reaches p, *with every 
 the threshold included*, so the set is a function of the distribution alone (not of a sort's
 tie order) and recomputing it later over the same state gives the same set.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,13 +30,21 @@ def top_p_mask(logits: torch.Tensor, p: float, temperature: float = 1.0, min_tok
     probs = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     mass_before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))  # exclusive prefix sums
-    kept = (mass_before < p).sum(-1, keepdim=True).clamp(min=min_tokens_to_keep, max=probs.shape[-1])  # >= 1: mass_before[0] = 0
+    kept = (
+        (mass_before < p).sum(-1, keepdim=True).clamp(min=min_tokens_to_keep, max=probs.shape[-1])
+    )  # >= 1: mass_before[0] = 0
     threshold = sorted_probs.gather(-1, kept - 1)  # probability of the least probable kept token
     return probs >= threshold
 
 
-def masked_log_probs(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                     with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def masked_log_probs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi^M(target) under softmax(logits / temperature) restricted to ``mask`` and renormalised,
     (B, T) from (B, T, V) logits, (B, T) targets and a (B, T, V) bool mask; -inf where the target
     lies outside the mask. With ``with_entropy`` also the entropy of the masked distribution

@@ -3,6 +3,7 @@
 ``loss`` is per token, (B, T), aggregated like the policy loss; ``cfg`` is the
 ``algo`` node (knobs under ``algo.critic``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,5 +36,8 @@ def clipped_value_loss(values, old_values, returns, mask, cfg):
     unclipped_error, clipped_error = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * torch.maximum(unclipped_error, clipped_error)
     with torch.no_grad():
-        metrics = {"clip_frac": masked_mean((clipped_error > unclipped_error).float(), mask), "values_mean": masked_mean(values, mask)}
+        metrics = {
+            "clip_frac": masked_mean((clipped_error > unclipped_error).float(), mask),
+            "values_mean": masked_mean(values, mask),
+        }
     return loss, metrics

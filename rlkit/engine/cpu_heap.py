@@ -1,4 +1,5 @@
 """glibc heap settings for training on CPU."""
+
 from __future__ import annotations
 
 import ctypes
@@ -21,6 +22,8 @@ def keep_freed_memory() -> bool:
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, LARGEST_MMAP_THRESHOLD) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+        )
     except (OSError, AttributeError):
         return False

@@ -1,4 +1,5 @@
 """Wrapping a model, its optimizer and LR schedule in a DeepSpeed engine."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return multiplier
 
 
-def deepspeed_config(hardware, micro_batch_per_device: int, grad_accum_steps: int, world: int, max_grad_norm: float) -> dict[str, Any]:
+def deepspeed_config(
+    hardware, micro_batch_per_device: int, grad_accum_steps: int, world: int, max_grad_norm: float
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_per_device,
         "gradient_accumulation_steps": grad_accum_steps,
@@ -36,18 +39,35 @@ def deepspeed_config(hardware, micro_batch_per_device: int, grad_accum_steps: in
     }
     if hardware.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    return _deep_merge(config, OmegaConf.to_container(hardware.deepspeed, resolve=True))  # plain dicts: nested keys merge
+    return _deep_merge(
+        config, OmegaConf.to_container(hardware.deepspeed, resolve=True)
+    )  # plain dicts: nested keys merge
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
-def build_engine(model, hardware, *, lr: float, betas, weight_decay: float, max_grad_norm: float, schedule: str,
-                 warmup_steps: int, total_steps: int, micro_batch_per_device: int, grad_accum_steps: int, world: int):
+def build_engine(
+    model,
+    hardware,
+    *,
+    lr: float,
+    betas,
+    weight_decay: float,
+    max_grad_norm: float,
+    schedule: str,
+    warmup_steps: int,
+    total_steps: int,
+    micro_batch_per_device: int,
+    grad_accum_steps: int,
+    world: int,
+):
     """A DeepSpeed engine around ``model`` with AdamW and the LR schedule.
 
     A torch optimizer is passed in (not DeepSpeed's fused one), which avoids a JIT
@@ -65,7 +85,9 @@ def build_engine(model, hardware, *, lr: float, betas, weight_decay: float, max_
 
         optimizer = DeepSpeedCPUAdam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=hardware.fused_optimizer)
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=hardware.fused_optimizer
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
     config = deepspeed_config(hardware, micro_batch_per_device, grad_accum_steps, world, max_grad_norm)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

@@ -1,4 +1,5 @@
 """The process group: one process by itself, or many under deepspeed/torchrun."""
+
 from __future__ import annotations
 
 import importlib

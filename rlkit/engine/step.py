@@ -1,7 +1,8 @@
 """One optimizer step over a minibatch split into micro-batches."""
+
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -16,7 +17,9 @@ def optimizer_step(engine, micro_batches: Sequence, loss_fn: Callable) -> float:
     gradient norm before clipping.
     """
     if len(micro_batches) != engine.gradient_accumulation_steps():
-        raise ValueError(f"{len(micro_batches)} micro-batches for an engine built for {engine.gradient_accumulation_steps()}")
+        raise ValueError(
+            f"{len(micro_batches)} micro-batches for an engine built for {engine.gradient_accumulation_steps()}"
+        )
     norm = None
     for index, micro_batch in enumerate(micro_batches):
         loss = loss_fn(micro_batch) * engine.dp_world_size  # DeepSpeed averages gradients over processes

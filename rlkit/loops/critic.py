@@ -1,6 +1,7 @@
 """PPO's critic inside the policy-gradient loop: values of the rollout before the
 update, a value loss during it. On the policy's trunk (``shared_head``: the policy
 engine trains both) or a separate copy of the starting model with its own engine."""
+
 from __future__ import annotations
 
 import torch
@@ -21,21 +22,32 @@ class Critic:
         else:
             model = configure_for_training(load_pretrained(start_dir, run.cfg.model, run.cfg.hardware), run.cfg.model)
             attach_value_head(model)
-            self.engine = make_engine(run, model, lr=self.algo.critic.lr, batch_size_global=batch_size_global, total_steps=total_steps)
+            self.engine = make_engine(
+                run, model, lr=self.algo.critic.lr, batch_size_global=batch_size_global, total_steps=total_steps
+            )
         self.loss_fn = VALUE_LOSSES.get(self.algo.critic.loss)
 
     @torch.no_grad()
     def values(self, rollout) -> torch.Tensor:
         """(B, T) V(s_t) of every response token, micro-batched; 0 on padding."""
         micro = self.run.cfg.trainer.micro_batch_per_device
-        parts = [token_values(self.engine, rollout.sequences[i:i + micro], rollout.attention_mask[i:i + micro], rollout.response_ids.shape[1])
-                 for i in range(0, len(rollout), micro)]
+        parts = [
+            token_values(
+                self.engine,
+                rollout.sequences[i : i + micro],
+                rollout.attention_mask[i : i + micro],
+                rollout.response_ids.shape[1],
+            )
+            for i in range(0, len(rollout), micro)
+        ]
         return torch.cat(parts) * rollout.response_mask
 
     def loss(self, index, rollout, returns, old_values, counts) -> tuple[torch.Tensor, dict]:
         """The aggregated value loss of rows ``index`` (normalised by the minibatch's global counts)."""
         mask = rollout.response_mask[index]
-        values = token_values(self.engine, rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1])
+        values = token_values(
+            self.engine, rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1]
+        )
         loss, stats = self.loss_fn(values, old_values[index], returns[index], mask, self.algo)
         aggregated = aggregate_loss(loss, mask, self.algo.loss_agg, *counts)
         return aggregated, {"value_loss": aggregate_loss(loss.detach(), mask, self.algo.loss_agg), **stats}

@@ -13,6 +13,7 @@ States that repeat (the prompt state of every sample of a group, and responses o
 group that share a prefix) are estimated once, as the authors' code does. All prefixes
 are continued in one batched :func:`rlkit.rollout.generate.sample` call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,15 @@ def delimiter_tokens(tokenizer, delimiter: str) -> torch.Tensor | None:
     return torch.tensor([delimiter in text for text in texts], dtype=torch.bool)
 
 
-def split_steps(response_ids: torch.Tensor, response_mask: torch.Tensor, *, boundary: torch.Tensor | None, step_tokens: int,
-                eos_token_id: int, max_steps: int | None = None) -> torch.Tensor:
+def split_steps(
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    boundary: torch.Tensor | None,
+    step_tokens: int,
+    eos_token_id: int,
+    max_steps: int | None = None,
+) -> torch.Tensor:
     """(B, T) the step (0, 1, ...) of every response token; 0 on padding.
 
     A step ends after a token marked in ``boundary`` (a (vocab,) bool lookup, e.g. from
@@ -99,12 +107,18 @@ class MonteCarloValues:
         self.boundary = delimiter_tokens(tokenizer, vine.step_delimiter)
 
     @classmethod
-    def from_run(cls, run) -> "MonteCarloValues":
+    def from_run(cls, run) -> MonteCarloValues:
         return cls(run.tokenizer, run.reward, run.cfg.algo.vine, run.cfg.algo.sampling)
 
     def steps(self, rollout) -> torch.Tensor:
-        return split_steps(rollout.response_ids, rollout.response_mask, boundary=self.boundary, step_tokens=self.step_tokens,
-                           eos_token_id=self.tokenizer.eos_token_id, max_steps=self.max_states)
+        return split_steps(
+            rollout.response_ids,
+            rollout.response_mask,
+            boundary=self.boundary,
+            step_tokens=self.step_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            max_steps=self.max_states,
+        )
 
     @torch.no_grad()
     def __call__(self, model, groups) -> MonteCarloEstimate:
@@ -131,21 +145,31 @@ class MonteCarloValues:
 
         # prompt (left padding dropped) + response prefix, left-padded again
         device = rollout.response_ids.device
-        parts = [torch.cat([rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.response_ids[row, :start]])
-                 for row, start in zip(state_rows, prefixes)]
+        parts = [
+            torch.cat([rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.response_ids[row, :start]])
+            for row, start in zip(state_rows, prefixes)
+        ]
         prefix_ids, prefix_mask = left_pad(parts, tokenizer.pad_token_id, device)
         # each continuation completes its response within the response's own length budget
         max_new, min_new = int(self.sampling.max_new_tokens), int(getattr(self.sampling, "min_new_tokens", 0))
-        continued = sample(model, prefix_ids, prefix_mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                           num_samples=k, max_new_tokens=torch.tensor([max_new - start for start in prefixes], device=device),
-                           min_new_tokens=torch.tensor([max(0, min_new - start) for start in prefixes], device=device),
-                           temperature=self.sampling.temperature, top_p=self.sampling.top_p)
+        continued = sample(
+            model,
+            prefix_ids,
+            prefix_mask,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_samples=k,
+            max_new_tokens=torch.tensor([max_new - start for start in prefixes], device=device),
+            min_new_tokens=torch.tensor([max(0, min_new - start) for start in prefixes], device=device),
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+        )
         kept, truncated = continued.response_lengths.tolist(), continued.truncated
         continuation_ids = continued.response_ids.tolist()
         completion_ids, rows, prompts = [], [], []
         for i, (row, start) in enumerate(zip(state_rows, prefixes)):
             for j in range(i * k, (i + 1) * k):
-                completion_ids.append(responses[row][:start] + continuation_ids[j][:kept[j]])
+                completion_ids.append(responses[row][:start] + continuation_ids[j][: kept[j]])
                 rows.append(groups.rows[row])
                 prompts.append(groups.prompts[row])
         completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
@@ -162,16 +186,21 @@ class MonteCarloValues:
 
         num_states, num_rows = float(len(prefixes)), float(len(lengths))
         totals_global = {
-            "states": all_reduce_sum(num_states), "rows": all_reduce_sum(num_rows), "steps": all_reduce_sum(float(sum(len(s) for s in row_states))),
-            "value_sum": all_reduce_sum(float(state_values.sum())), "tokens": all_reduce_sum(float(sum(kept))),
-            "response_tokens": all_reduce_sum(float(rollout.response_mask.sum())), "truncated": all_reduce_sum(float(truncated.sum())),
+            "states": all_reduce_sum(num_states),
+            "rows": all_reduce_sum(num_rows),
+            "steps": all_reduce_sum(float(sum(len(s) for s in row_states))),
+            "value_sum": all_reduce_sum(float(state_values.sum())),
+            "tokens": all_reduce_sum(float(sum(kept))),
+            "response_tokens": all_reduce_sum(float(rollout.response_mask.sum())),
+            "truncated": all_reduce_sum(float(truncated.sum())),
         }
         continuations = totals_global["states"] * k
         metrics = {
             "vine/states": totals_global["states"],
             "vine/continuations": continuations,
             "vine/continuations_per_response": continuations / max(totals_global["rows"], 1.0),
-            "vine/continuation_tokens_per_response_token": totals_global["tokens"] / max(totals_global["response_tokens"], 1.0),
+            "vine/continuation_tokens_per_response_token": totals_global["tokens"]
+            / max(totals_global["response_tokens"], 1.0),
             "vine/steps_per_response": totals_global["steps"] / max(totals_global["rows"], 1.0),
             "vine/value_mean": totals_global["value_sum"] / max(totals_global["states"], 1.0),
             "vine/continuation_truncated_frac": totals_global["truncated"] / max(continuations, 1.0),

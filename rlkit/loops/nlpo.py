@@ -29,6 +29,7 @@ copy in memory, and one extra no-grad forward per log-prob pass and per decoding
 The mask model is saved in every checkpoint (``training_state_mask_model/``) and restored on
 resume: between refreshes it is the policy of an earlier step, which no checkpoint holds otherwise.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,13 @@ from rlkit.run import load_frozen
 MASK_POSITIONS_PER_CHUNK = 1 << 26  # (rows x positions x vocab) elements sorted at once when computing masks
 
 
-def mask_policy_set(mask_logits: torch.Tensor, nlpo, temperature: float, eos_token_id: int | None,
-                    eos_banned: torch.Tensor | bool = False) -> torch.Tensor:
+def mask_policy_set(
+    mask_logits: torch.Tensor,
+    nlpo,
+    temperature: float,
+    eos_token_id: int | None,
+    eos_banned: torch.Tensor | bool = False,
+) -> torch.Tensor:
     """(..., V) bool: the tokens the policy may emit, M_psi(s), from the mask policy's logits:
     its top-p set at the sampling temperature, plus EOS when ``nlpo.keep_eos``. Where
     ``eos_banned`` (broadcast over ``...``; the first ``sampling.min_new_tokens`` positions, where
@@ -119,7 +125,9 @@ class MaskPolicyProcessor:
     (their attention mask is read off the left padding). One processor serves one ``generate`` call;
     it also sums the mask sizes and the policy's mass inside the mask over unfinished rows."""
 
-    def __init__(self, mask_model, nlpo, temperature: float, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0):
+    def __init__(
+        self, mask_model, nlpo, temperature: float, eos_token_id: int | None, pad_token_id: int, min_new_tokens: int = 0
+    ):
         self.model, self.nlpo, self.temperature = mask_model, nlpo, temperature
         self.eos_token_id, self.pad_token_id, self.min_new_tokens = eos_token_id, pad_token_id, min_new_tokens
         self.cache, self.attention, self.width, self.prompt_width = None, None, -1, None
@@ -129,22 +137,38 @@ class MaskPolicyProcessor:
     def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.cache is not None and ids.shape[1] == self.width + 1 and ids.shape[0] == self.attention.shape[0]:
             self.attention = torch.cat([self.attention, self.attention.new_ones(len(ids), 1)], dim=1)
-            output = self.model(input_ids=ids[:, -1:], attention_mask=self.attention, position_ids=self.attention.sum(-1, keepdim=True) - 1,
-                                use_cache=True, **cache_argument(self.model, self.cache))
+            output = self.model(
+                input_ids=ids[:, -1:],
+                attention_mask=self.attention,
+                position_ids=self.attention.sum(-1, keepdim=True) - 1,
+                use_cache=True,
+                **cache_argument(self.model, self.cache),
+            )
         else:  # first step: ids are the left-padded prompts
             self.prompt_width = ids.shape[1] if self.prompt_width is None else self.prompt_width
             self.attention = left_padding_mask(ids, self.pad_token_id)
-            output = self.model(input_ids=ids, attention_mask=self.attention, position_ids=position_ids_from_mask(self.attention),
-                                use_cache=True, logits_to_keep=1)
+            output = self.model(
+                input_ids=ids,
+                attention_mask=self.attention,
+                position_ids=position_ids_from_mask(self.attention),
+                use_cache=True,
+                logits_to_keep=1,
+            )
         self.cache, self.width = output_cache(output), ids.shape[1]
         eos_banned = ids.shape[1] - self.prompt_width < self.min_new_tokens
-        allowed = mask_policy_set(output.logits[:, -1].float(), self.nlpo, self.temperature, self.eos_token_id, eos_banned)
+        allowed = mask_policy_set(
+            output.logits[:, -1].float(), self.nlpo, self.temperature, self.eos_token_id, eos_banned
+        )
         self.record(ids, scores, allowed)
         return scores.masked_fill(~allowed, float("-inf"))
 
     def record(self, ids: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor) -> None:
-        generated = ids[:, self.prompt_width:]
-        active = ~(generated == self.eos_token_id).any(-1) if self.eos_token_id is not None else torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        generated = ids[:, self.prompt_width :]
+        active = (
+            ~(generated == self.eos_token_id).any(-1)
+            if self.eos_token_id is not None
+            else torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        )
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)
         self.rows += float(active.sum())
         self.mask_size += float((allowed.sum(-1) * active).sum())
@@ -156,8 +180,12 @@ class NLPOLoop(PolicyGradientLoop):
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
         self.nlpo = self.algo.nlpo
-        self.mask_model = load_frozen(run, reference_source, self.engine.device)  # the architecture; the weights come next
-        copy_weights(self.engine.module, self.mask_model)  # pi_psi_0 = pi_theta_0 (a resumed run then loads its checkpointed copy)
+        self.mask_model = load_frozen(
+            run, reference_source, self.engine.device
+        )  # the architecture; the weights come next
+        copy_weights(
+            self.engine.module, self.mask_model
+        )  # pi_psi_0 = pi_theta_0 (a resumed run then loads its checkpointed copy)
         self.mask_refreshed_at = 0  # the step after whose update pi_psi was last copied from the policy (0: the start)
         self.processors: list[MaskPolicyProcessor] = []
         self.targets_outside = [0.0, 0.0]  # response tokens whose recomputed mask lacked them, response tokens scored
@@ -165,7 +193,9 @@ class NLPOLoop(PolicyGradientLoop):
     def step(self, step: int, timer):
         metrics, samples = super().step(step, timer)
         metrics.update(self.mask_metrics())
-        metrics["nlpo/mask_age"] = float(step - 1 - self.mask_refreshed_at)  # updates the policy made since pi_psi was copied (0: pi_psi = pi_theta_old)
+        metrics["nlpo/mask_age"] = float(
+            step - 1 - self.mask_refreshed_at
+        )  # updates the policy made since pi_psi was copied (0: pi_psi = pi_theta_old)
         refresh = step % self.nlpo.mask_update_every == 0
         if refresh:
             with timer.phase("mask_refresh"):
@@ -177,8 +207,14 @@ class NLPOLoop(PolicyGradientLoop):
     def rollout_logits_processor(self) -> MaskPolicyProcessor:
         tokenizer = self.run.tokenizer
         sampling = self.algo.sampling
-        processor = MaskPolicyProcessor(self.mask_model, self.nlpo, sampling.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                        sampling.min_new_tokens)
+        processor = MaskPolicyProcessor(
+            self.mask_model,
+            self.nlpo,
+            sampling.temperature,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            sampling.min_new_tokens,
+        )
         self.processors.append(processor)
         return processor
 
@@ -186,11 +222,22 @@ class NLPOLoop(PolicyGradientLoop):
         """log pi^M(y_t | ...) under the mask policy's sets; the reference stays unmasked (module docstring)."""
         if model is self.reference:
             return super().log_probs(model, rollout, index, with_entropy=with_entropy, entropy_grad=entropy_grad)
-        sequences, attention, width = rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1]
+        sequences, attention, width = (
+            rollout.sequences[index],
+            rollout.attention_mask[index],
+            rollout.response_ids.shape[1],
+        )
         targets = sequences[:, -width:]
         allowed = self.allowed_tokens(sequences, attention, targets, rollout.response_mask[index])
         logits = response_logits(model, sequences, attention, width)
-        return masked_log_probs(logits, targets, allowed, self.algo.sampling.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+        return masked_log_probs(
+            logits,
+            targets,
+            allowed,
+            self.algo.sampling.temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
 
     @torch.no_grad()
     def allowed_tokens(self, sequences, attention, targets, response_mask) -> torch.Tensor:
@@ -203,8 +250,13 @@ class NLPOLoop(PolicyGradientLoop):
         chunk = max(1, MASK_POSITIONS_PER_CHUNK // (mask_logits.shape[0] * mask_logits.shape[-1]))
         eos, sampling = self.run.tokenizer.eos_token_id, self.algo.sampling
         eos_banned = torch.arange(targets.shape[1], device=targets.device) < sampling.min_new_tokens
-        allowed = torch.cat([mask_policy_set(part, self.nlpo, sampling.temperature, eos, eos_banned[start:start + chunk])
-                             for start, part in zip(range(0, targets.shape[1], chunk), mask_logits.split(chunk, dim=1))], dim=1)
+        allowed = torch.cat(
+            [
+                mask_policy_set(part, self.nlpo, sampling.temperature, eos, eos_banned[start : start + chunk])
+                for start, part in zip(range(0, targets.shape[1], chunk), mask_logits.split(chunk, dim=1))
+            ],
+            dim=1,
+        )
         inside = allowed.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         self.targets_outside[0] += float((~inside & response_mask.bool()).sum())
         self.targets_outside[1] += float(response_mask.sum())
@@ -213,8 +265,10 @@ class NLPOLoop(PolicyGradientLoop):
     def mask_metrics(self) -> dict[str, float]:
         rows = sum(p.rows for p in self.processors)
         local = {
-            "nlpo/mask_size_mean": sum(p.mask_size for p in self.processors) / max(rows, 1.0),  # tokens in M_psi(s) per decoding step
-            "nlpo/policy_mass_in_mask": sum(p.policy_mass for p in self.processors) / max(rows, 1.0),  # pi_theta(M_psi(s) | s)
+            "nlpo/mask_size_mean": sum(p.mask_size for p in self.processors)
+            / max(rows, 1.0),  # tokens in M_psi(s) per decoding step
+            "nlpo/policy_mass_in_mask": sum(p.policy_mass for p in self.processors)
+            / max(rows, 1.0),  # pi_theta(M_psi(s) | s)
             "nlpo/target_outside_mask_frac": self.targets_outside[0] / max(self.targets_outside[1], 1.0),
         }
         self.processors, self.targets_outside = [], [0.0, 0.0]

@@ -4,6 +4,7 @@ rollout -> reward -> log-probs (and critic values) -> advantages -> update. Whic
 estimator, loss, aggregation, KL and critic are used is config; this file never
 branches on an algorithm.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,15 +14,22 @@ from rlkit.algos.kl import adaptive_kl_coef
 from rlkit.algos.masked import group_stats, masked_mean
 from rlkit.algos.policy_losses import optional_inputs
 from rlkit.algos.reward_norm import RunningMoments, batch_moments, normalise_scores
-from rlkit.engine import all_gather_objects, all_reduce_sum, mean_over_ranks, optimizer_step, split_micro_batches, world_size
+from rlkit.engine import (
+    all_gather_objects,
+    all_reduce_sum,
+    mean_over_ranks,
+    optimizer_step,
+    split_micro_batches,
+    world_size,
+)
 from rlkit.loops.critic import Critic
 from rlkit.loops.mc_values import MonteCarloValues
 from rlkit.loops.registry import LOOPS, Loop
 from rlkit.metrics import mean_std
 from rlkit.models.value_head import attach_value_head
 from rlkit.rollout import generate, token_log_probs
-from rlkit.rollout.groups import Groups
 from rlkit.rollout.generate import decode_responses
+from rlkit.rollout.groups import Groups
 from rlkit.run import load_frozen, make_engine
 
 
@@ -35,12 +43,20 @@ class PolicyGradientLoop(Loop):
         optimizer_steps = cfg.trainer.max_steps * algo.update_epochs * algo.minibatches
         if algo.critic.type == "shared_head":
             attach_value_head(model)
-        self.engine = make_engine(run, model, lr=algo.lr, batch_size_global=samples_global // algo.minibatches, total_steps=optimizer_steps)
-        self.critic = None if algo.critic.type == "none" else Critic(run, self.engine, reference_source, samples_global // algo.minibatches, optimizer_steps)
+        self.engine = make_engine(
+            run, model, lr=algo.lr, batch_size_global=samples_global // algo.minibatches, total_steps=optimizer_steps
+        )
+        self.critic = (
+            None
+            if algo.critic.type == "none"
+            else Critic(run, self.engine, reference_source, samples_global // algo.minibatches, optimizer_steps)
+        )
         # VinePPO: Monte-Carlo values of each response step from extra policy continuations (algo.vine.k > 0), in the critic's place
         self.mc_values = MonteCarloValues.from_run(run) if algo.vine.k else None
         self.policy_loss_fn = POLICY_LOSSES.get(algo.policy_loss)
-        self.loss_inputs = optional_inputs(self.policy_loss_fn)  # extra inputs this loss names (reference log-probs, groups)
+        self.loss_inputs = optional_inputs(
+            self.policy_loss_fn
+        )  # extra inputs this loss names (reference log-probs, groups)
         needs_reference = algo.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
         self.reference = load_frozen(run, reference_source, self.engine.device) if needs_reference else None
         self.kl_coef = algo.kl.coef  # adapted each step when algo.kl.target is set
@@ -48,10 +64,18 @@ class PolicyGradientLoop(Loop):
         self.advantage_fn = ADVANTAGE_ESTIMATORS.get(algo.advantage)
         self.kl_fn = KL_ESTIMATORS.get(algo.kl.estimator)
         # rows with all-zero advantages add no gradient when the loss vanishes there and nothing else trains on them
-        self.skip_zero_advantage_rows = (getattr(self.policy_loss_fn, "vanishes_at_zero_advantage", False) and algo.entropy_coef == 0
-                                         and (self.reference is None or algo.kl.placement != "loss") and algo.critic.type != "shared_head")
-        self.needs_old_log_probs = (algo.update_epochs > 1 or algo.minibatches > 1 or algo.kl.target is not None
-                                    or (self.reference is not None and algo.kl.placement == "reward"))
+        self.skip_zero_advantage_rows = (
+            getattr(self.policy_loss_fn, "vanishes_at_zero_advantage", False)
+            and algo.entropy_coef == 0
+            and (self.reference is None or algo.kl.placement != "loss")
+            and algo.critic.type != "shared_head"
+        )
+        self.needs_old_log_probs = (
+            algo.update_epochs > 1
+            or algo.minibatches > 1
+            or algo.kl.target is not None
+            or (self.reference is not None and algo.kl.placement == "reward")
+        )
 
     def step(self, step: int, timer):
         run, algo = self.run, self.algo
@@ -60,7 +84,9 @@ class PolicyGradientLoop(Loop):
         if algo.dynamic_sampling:
             groups, sampling_metrics = self.refill(groups, timer)
             metrics.update(sampling_metrics)
-        metrics.update({f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()})
+        metrics.update(
+            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()}
+        )
         rollout = groups.rollout
         with timer.phase("log_probs"):
             old_log_probs = self.score(self.engine, rollout) if self.needs_old_log_probs else None
@@ -74,45 +100,102 @@ class PolicyGradientLoop(Loop):
             metrics.update(estimate.metrics)
         with timer.phase("advantages"):
             scores = self.normalised_scores(torch.tensor(groups.totals, dtype=torch.float32, device=self.engine.device))
-            baseline = None if groups.baseline is None else torch.tensor(groups.baseline, dtype=torch.float32, device=scores.device)
+            baseline = (
+                None
+                if groups.baseline is None
+                else torch.tensor(groups.baseline, dtype=torch.float32, device=scores.device)
+            )
             token_rewards = self.token_rewards(scores, rollout.response_mask, old_log_probs, ref_log_probs)
-            inputs = AdvantageInputs(token_rewards, rollout.response_mask, groups.group_index.to(scores.device), values=old_values, baseline_scores=baseline,
-                                     step_ids=step_ids)
+            inputs = AdvantageInputs(
+                token_rewards,
+                rollout.response_mask,
+                groups.group_index.to(scores.device),
+                values=old_values,
+                baseline_scores=baseline,
+                step_ids=step_ids,
+            )
             advantages, returns = self.advantage_fn(inputs, algo)
         with timer.phase("update"):
             train_policy = step > algo.critic.pretrain_steps
-            metrics.update(self.update(rollout, inputs.group_index, advantages, old_log_probs, ref_log_probs, returns, old_values, train_policy))
+            metrics.update(
+                self.update(
+                    rollout,
+                    inputs.group_index,
+                    advantages,
+                    old_log_probs,
+                    ref_log_probs,
+                    returns,
+                    old_values,
+                    train_policy,
+                )
+            )
         metrics.update(self.control_kl(old_log_probs, ref_log_probs, rollout.response_mask))
         metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), rollout.response_mask))
         if old_values is not None:
             metrics["critic/explained_variance"] = explained_variance(old_values, returns, rollout.response_mask)
         metrics["tokens"] = all_reduce_sum(float(rollout.attention_mask.sum()))
-        samples = [{"prompt": p, "completion": c, "reward": r, "answer": row.get("answer", "")}
-                   for p, c, r, row in zip(groups.prompts, groups.completions, groups.totals, groups.rows)]
+        samples = [
+            {"prompt": p, "completion": c, "reward": r, "answer": row.get("answer", "")}
+            for p, c, r, row in zip(groups.prompts, groups.completions, groups.totals, groups.rows)
+        ]
         return metrics, samples
 
-    def sample_groups(self, rows: list[dict], timer) -> "Groups":
+    def sample_groups(self, rows: list[dict], timer) -> Groups:
         """``group_size`` responses per prompt, scored (plus a greedy baseline when asked)."""
         run, algo, tokenizer = self.run, self.algo, self.run.tokenizer
         prompts = run.prompts(rows)
         with timer.phase("rollout"):
-            rollout = generate(self.engine.module, tokenizer, prompts, num_samples=algo.group_size, max_new_tokens=algo.sampling.max_new_tokens,
-                               min_new_tokens=algo.sampling.min_new_tokens, temperature=algo.sampling.temperature, top_p=algo.sampling.top_p,
-                               logits_processor=self.rollout_logits_processor())
-            greedy = generate(self.engine.module, tokenizer, prompts, num_samples=1, max_new_tokens=algo.sampling.max_new_tokens,
-                              greedy=True) if algo.baseline_rollout == "greedy" else None
+            rollout = generate(
+                self.engine.module,
+                tokenizer,
+                prompts,
+                num_samples=algo.group_size,
+                max_new_tokens=algo.sampling.max_new_tokens,
+                min_new_tokens=algo.sampling.min_new_tokens,
+                temperature=algo.sampling.temperature,
+                top_p=algo.sampling.top_p,
+                logits_processor=self.rollout_logits_processor(),
+            )
+            greedy = (
+                generate(
+                    self.engine.module,
+                    tokenizer,
+                    prompts,
+                    num_samples=1,
+                    max_new_tokens=algo.sampling.max_new_tokens,
+                    greedy=True,
+                )
+                if algo.baseline_rollout == "greedy"
+                else None
+            )
         with timer.phase("reward"):
             repeat = lambda values: [v for v in values for _ in range(algo.group_size)]  # noqa: E731
             sample_rows, sample_prompts = repeat(rows), repeat(prompts)
             completions = decode_responses(tokenizer, rollout)
-            totals, per_term = run.reward(sample_prompts, completions, completion_ids=rollout.completion_ids(), **run.columns(sample_rows))
+            totals, per_term = run.reward(
+                sample_prompts, completions, completion_ids=rollout.completion_ids(), **run.columns(sample_rows)
+            )
             baseline = None
             if greedy is not None:
-                greedy_totals, _ = run.reward(prompts, decode_responses(tokenizer, greedy), completion_ids=greedy.completion_ids(), **run.columns(rows))
+                greedy_totals, _ = run.reward(
+                    prompts,
+                    decode_responses(tokenizer, greedy),
+                    completion_ids=greedy.completion_ids(),
+                    **run.columns(rows),
+                )
                 baseline = repeat(greedy_totals)
-        return Groups(sample_rows, sample_prompts, rollout.to(self.engine.device), completions, totals, per_term, baseline, algo.group_size)
+        return Groups(
+            sample_rows,
+            sample_prompts,
+            rollout.to(self.engine.device),
+            completions,
+            totals,
+            per_term,
+            baseline,
+            algo.group_size,
+        )
 
-    def refill(self, groups: "Groups", timer) -> tuple["Groups", dict[str, float]]:
+    def refill(self, groups: Groups, timer) -> tuple[Groups, dict[str, float]]:
         """DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2): keep groups whose rewards
         differ, sample more prompts until the batch is full or ``max_sampling_rounds``
         is reached, then fill any shortfall with dropped groups (they add no policy
@@ -120,7 +203,10 @@ class PolicyGradientLoop(Loop):
         target = groups.num_groups
         kept, dropped = groups.split_by_variance()
         parts_kept, parts_dropped, rounds = [kept], [dropped], 1
-        while rounds < self.algo.max_sampling_rounds and all_reduce_sum(float(sum(p.num_groups for p in parts_kept) < target)) > 0:
+        while (
+            rounds < self.algo.max_sampling_rounds
+            and all_reduce_sum(float(sum(p.num_groups for p in parts_kept) < target)) > 0
+        ):
             more = self.sample_groups(self.next_rows(self.run.cfg.trainer.prompts_per_step_global), timer)
             kept, dropped = more.split_by_variance()
             parts_kept.append(kept)
@@ -128,7 +214,10 @@ class PolicyGradientLoop(Loop):
             rounds += 1
         num_kept = sum(p.num_groups for p in parts_kept)
         merged = Groups.concat([p for p in parts_kept + parts_dropped if p.num_groups], self.run.tokenizer.pad_token_id)
-        metrics = {"sampling/rounds": float(rounds), "sampling/kept_group_frac": mean_over_ranks({"f": min(num_kept, target) / target})["f"]}
+        metrics = {
+            "sampling/rounds": float(rounds),
+            "sampling/kept_group_frac": mean_over_ranks({"f": min(num_kept, target) / target})["f"],
+        }
         return merged.first_groups(target), metrics
 
     def rollout_logits_processor(self):
@@ -140,14 +229,23 @@ class PolicyGradientLoop(Loop):
     def log_probs(self, model, rollout, index, with_entropy: bool = False, entropy_grad: bool = False):
         """Per-token log-probs (and entropies) of rollout rows ``index`` under ``model``:
         the one place the loop turns a model into log pi(y_t | ...)."""
-        return token_log_probs(model, rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1],
-                               self.algo.sampling.temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+        return token_log_probs(
+            model,
+            rollout.sequences[index],
+            rollout.attention_mask[index],
+            rollout.response_ids.shape[1],
+            self.algo.sampling.temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
 
     @torch.no_grad()
     def score(self, model, rollout) -> torch.Tensor:
         """Per-token log-probs of the rollout's responses under ``model``, micro-batched."""
         micro = self.run.cfg.trainer.micro_batch_per_device
-        return torch.cat([self.log_probs(model, rollout, slice(i, i + micro))[0] for i in range(0, len(rollout), micro)])
+        return torch.cat(
+            [self.log_probs(model, rollout, slice(i, i + micro))[0] for i in range(0, len(rollout), micro)]
+        )
 
     def token_rewards(self, scores, response_mask, old_log_probs, ref_log_probs) -> torch.Tensor:
         """The score on each response's last token, minus ``beta * KL`` per token
@@ -183,10 +281,14 @@ class PolicyGradientLoop(Loop):
         kl = all_reduce_sum(float(((old_log_probs - ref_log_probs) * response_mask).sum())) / num_samples
         metrics = {"kl/response_kl": kl, "kl/coef": self.kl_coef}
         if self.algo.kl.target is not None:
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl, self.algo.kl.target, self.algo.kl.horizon, int(num_samples))
+            self.kl_coef = adaptive_kl_coef(
+                self.kl_coef, kl, self.algo.kl.target, self.algo.kl.horizon, int(num_samples)
+            )
         return metrics
 
-    def update(self, rollout, group_index, advantages, old_log_probs, ref_log_probs, returns, old_values, train_policy: bool) -> dict[str, float]:
+    def update(
+        self, rollout, group_index, advantages, old_log_probs, ref_log_probs, returns, old_values, train_policy: bool
+    ) -> dict[str, float]:
         """``update_epochs`` passes of ``minibatches`` optimizer steps over the rollout: the
         policy loss (unless the critic is still pre-training) and, with a critic, the value
         loss (added to the policy's loss on a shared trunk, else stepped on its own engine)."""
@@ -194,7 +296,9 @@ class PolicyGradientLoop(Loop):
         critic = self.critic
         sums: dict[str, list[float]] = {}
         grad_norms, critic_grad_norms = [], []
-        policy_objective = [0.0]  # summed over micro-batches and ranks: the minibatch's policy loss, however it is split
+        policy_objective = [
+            0.0
+        ]  # summed over micro-batches and ranks: the minibatch's policy loss, however it is split
 
         def record(stats: dict, prefix: str, mask) -> None:
             weight = float(mask.sum())
@@ -205,11 +309,18 @@ class PolicyGradientLoop(Loop):
 
         def policy_loss(index, counts):
             mask = rollout.response_mask[index]
-            log_prob, entropy = self.log_probs(self.engine, rollout, index, with_entropy=True, entropy_grad=algo.entropy_coef != 0)
+            log_prob, entropy = self.log_probs(
+                self.engine, rollout, index, with_entropy=True, entropy_grad=algo.entropy_coef != 0
+            )
             old = old_log_probs[index] if old_log_probs is not None else log_prob.detach()
-            extras = {name: {"ref_log_prob": ref_log_probs, "group_index": group_index}[name][index] for name in self.loss_inputs}
+            extras = {
+                name: {"ref_log_prob": ref_log_probs, "group_index": group_index}[name][index]
+                for name in self.loss_inputs
+            }
             loss, stats = self.policy_loss_fn(log_prob, old, advantages[index], mask, algo, **extras)
-            policy_objective[0] += float(aggregate_loss(loss.detach(), mask, algo.loss_agg, *counts))  # this micro-batch's share
+            policy_objective[0] += float(
+                aggregate_loss(loss.detach(), mask, algo.loss_agg, *counts)
+            )  # this micro-batch's share
             if ref_log_probs is not None:
                 kl = self.kl_fn(log_prob, ref_log_probs[index])
                 stats["kl"] = masked_mean(kl, mask)
@@ -231,33 +342,56 @@ class PolicyGradientLoop(Loop):
             return loss + algo.critic.coef * value_loss(index, counts) if critic is not None and critic.shared else loss
 
         # whole groups stay in one micro-batch where the minibatches allow: they share one prompt pass (pairwise losses need them)
-        unit = algo.group_size if "group_index" in self.loss_inputs or (size // algo.group_size) % algo.minibatches == 0 else 1
+        unit = (
+            algo.group_size
+            if "group_index" in self.loss_inputs or (size // algo.group_size) % algo.minibatches == 0
+            else 1
+        )
         skipped = [0, 0]
         for _ in range(algo.update_epochs):
             order = (torch.randperm(size // unit)[:, None] * unit + torch.arange(unit)).flatten()
             for minibatch in order.split(size // algo.minibatches):
-                counts = (all_reduce_sum(float(rollout.response_mask[minibatch].sum())), len(minibatch) * world_size(), algo.sampling.max_new_tokens)
+                counts = (
+                    all_reduce_sum(float(rollout.response_mask[minibatch].sum())),
+                    len(minibatch) * world_size(),
+                    algo.sampling.max_new_tokens,
+                )
                 units = minibatch.view(-1, unit)
-                micro_batches = [units[i].flatten() for i in split_micro_batches(len(units), self.engine.gradient_accumulation_steps())]
+                micro_batches = [
+                    units[i].flatten()
+                    for i in split_micro_batches(len(units), self.engine.gradient_accumulation_steps())
+                ]
                 if train_policy or (critic is not None and critic.shared):
-                    policy_batches = self.rows_with_gradient(minibatch, advantages, rollout.response_mask) if self.skip_zero_advantage_rows else micro_batches
+                    policy_batches = (
+                        self.rows_with_gradient(minibatch, advantages, rollout.response_mask)
+                        if self.skip_zero_advantage_rows
+                        else micro_batches
+                    )
                     skipped[0] += len(minibatch) - sum(len(b) for b in policy_batches)
                     skipped[1] += len(minibatch)
-                    grad_norms.append(optimizer_step(self.engine, policy_batches, lambda index: engine_loss(index, counts)))
+                    grad_norms.append(
+                        optimizer_step(self.engine, policy_batches, lambda index: engine_loss(index, counts))
+                    )
                 if critic is not None and not critic.shared:
-                    critic_grad_norms.append(optimizer_step(critic.engine, micro_batches, lambda index: value_loss(index, counts)))
+                    critic_grad_norms.append(
+                        optimizer_step(critic.engine, micro_batches, lambda index: value_loss(index, counts))
+                    )
         metrics = mean_over_ranks({key: total / max(weight, 1.0) for key, (total, weight) in sums.items()})
         for key, norms in (("actor/grad_norm", grad_norms), ("critic/grad_norm", critic_grad_norms)):
             if norms:
                 metrics[key] = sum(norms) / len(norms)
         if train_policy and grad_norms:
-            metrics["actor/pg_loss"] = all_reduce_sum(policy_objective[0]) / len(grad_norms)  # mean over optimizer steps
+            metrics["actor/pg_loss"] = all_reduce_sum(policy_objective[0]) / len(
+                grad_norms
+            )  # mean over optimizer steps
         metrics["actor/lr"] = self.engine.get_lr()[0]
         if skipped[1]:
             metrics["actor/skipped_zero_advantage_frac"] = mean_over_ranks({"f": skipped[0] / skipped[1]})["f"]
         return metrics
 
-    def rows_with_gradient(self, rows: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor) -> list[torch.Tensor]:
+    def rows_with_gradient(
+        self, rows: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
         """``rows`` split into the engine's micro-batches, leaving out responses whose
         advantages are all zero: under a loss that vanishes there (and nothing else
         trained on them) they add exactly no gradient, so their forward and backward are
@@ -265,7 +399,7 @@ class PolicyGradientLoop(Loop):
         Each micro-batch keeps at least one row (DeepSpeed steps every micro-batch)."""
         num_micro_batches = self.engine.gradient_accumulation_steps()
         active = ((advantages[rows] * response_mask[rows]) != 0).any(-1)
-        kept = torch.cat([rows[active], rows[~active][:max(0, num_micro_batches - int(active.sum()))]])
+        kept = torch.cat([rows[active], rows[~active][: max(0, num_micro_batches - int(active.sum()))]])
         return [kept[part] for part in split_micro_batches(len(kept), num_micro_batches)]
 
     def extra_engines(self) -> dict:
@@ -302,7 +436,9 @@ def rollout_metrics(groups: Groups) -> dict[str, float]:
     metrics = {}
     metrics["reward/mean"], metrics["reward/std"] = mean_std(flat("totals"))
     for name in groups.per_term:
-        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std([v for part in gathered for v in part["terms"][name]])
+        metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(
+            [v for part in gathered for v in part["terms"][name]]
+        )
     lengths = flat("lengths")
     metrics["response/length_mean"], _ = mean_std(lengths)
     metrics["response/length_max"] = float(max(lengths))

@@ -6,6 +6,7 @@ responses (dataset, or sample -> reward -> selection) -> log-probs under the pol
 and the frozen reference -> ``algo.preference_loss`` -> update. Which loss and which
 selection are config; this file never branches on an algorithm.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,12 @@ def encode_response_sets(tokenizer, prompts: list[str], response_sets: list[list
     (prompt, response slot): B * n rows for n = the largest set (at least 1); and the (B, n)
     mask of slots that hold a response (empty slots are padded with an empty response)."""
     n = max(1, *(len(responses) for responses in response_sets))
-    batch = supervised_batch(tokenizer, [p for p in prompts for _ in range(n)],
-                             [rs[j] if j < len(rs) else "" for rs in response_sets for j in range(n)], device)
+    batch = supervised_batch(
+        tokenizer,
+        [p for p in prompts for _ in range(n)],
+        [rs[j] if j < len(rs) else "" for rs in response_sets for j in range(n)],
+        device,
+    )
     mask = torch.tensor([[float(j < len(rs)) for j in range(n)] for rs in response_sets], device=device)
     return batch, mask
 
@@ -40,8 +45,10 @@ def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
 @torch.no_grad()
 def score_response_sets(model, batch: dict[str, torch.Tensor], n: int, micro_batch: int) -> torch.Tensor:
     """(B, n) summed log-probs under ``model``, micro-batched."""
-    parts = [sequence_log_probs(model, {k: v[i:i + micro_batch] for k, v in batch.items()})[0]
-             for i in range(0, batch["input_ids"].shape[0], micro_batch)]
+    parts = [
+        sequence_log_probs(model, {k: v[i : i + micro_batch] for k, v in batch.items()})[0]
+        for i in range(0, batch["input_ids"].shape[0], micro_batch)
+    ]
     return torch.cat(parts).view(-1, n)
 
 
@@ -58,8 +65,13 @@ class PreferenceLoop(Loop):
         cfg, algo = run.cfg, run.cfg.algo
         self.algo, self.reference_source = algo, reference_source
         self.loss_fn = PREFERENCE_LOSSES.get(algo.preference_loss)
-        self.engine = make_engine(run, model, lr=algo.lr, batch_size_global=cfg.trainer.prompts_per_step_global,
-                                  total_steps=cfg.trainer.max_steps)
+        self.engine = make_engine(
+            run,
+            model,
+            lr=algo.lr,
+            batch_size_global=cfg.trainer.prompts_per_step_global,
+            total_steps=cfg.trainer.max_steps,
+        )
         self.reference = load_frozen(run, reference_source, self.engine.device)
         if algo.reference == "precomputed":
             self.precompute_reference()
@@ -86,19 +98,35 @@ class PreferenceLoop(Loop):
         def loss_fn(index):
             rows_index = (index[:, None] * n + torch.arange(n)).flatten()
             log_probs, lengths = sequence_log_probs(self.engine, {k: v[rows_index] for k, v in batch.items()})
-            responses_set = ResponseSet(log_probs.view(-1, n), None if ref is None else ref[index], lengths.view(-1, n),
-                                        scores[index], mask[index])
+            responses_set = ResponseSet(
+                log_probs.view(-1, n),
+                None if ref is None else ref[index],
+                lengths.view(-1, n),
+                scores[index],
+                mask[index],
+            )
             loss, stats = self.loss_fn(responses_set, algo)
             weight = float(responses_set.present.sum())
-            for key, value in {**pair_statistics(responses_set, algo.beta), **stats, "loss": loss.detach().sum() / max(weight, 1)}.items():
+            for key, value in {
+                **pair_statistics(responses_set, algo.beta),
+                **stats,
+                "loss": loss.detach().sum() / max(weight, 1),
+            }.items():
                 sums[f"pref/{key}"] = sums.get(f"pref/{key}", 0.0) + float(value) * weight
             return loss.sum() / max(num_sets, 1)
 
         with timer.phase("update"):
-            grad_norm = optimizer_step(self.engine, split_micro_batches(len(rows), self.engine.gradient_accumulation_steps()), loss_fn)
+            grad_norm = optimizer_step(
+                self.engine, split_micro_batches(len(rows), self.engine.gradient_accumulation_steps()), loss_fn
+            )
         metrics.update({key: all_reduce_sum(value) / max(num_sets, 1) for key, value in sorted(sums.items())})
-        metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.engine.get_lr()[0],
-                        "tokens": all_reduce_sum(float(batch["attention_mask"].sum()))})
+        metrics.update(
+            {
+                "actor/grad_norm": grad_norm,
+                "actor/lr": self.engine.get_lr()[0],
+                "tokens": all_reduce_sum(float(batch["attention_mask"].sum())),
+            }
+        )
         return metrics, samples
 
     def reference_log_probs(self, rows: list[dict], batch, n: int) -> torch.Tensor:
@@ -110,7 +138,11 @@ class PreferenceLoop(Loop):
         """Reference log-probs of every training response and of the held-out pairs that
         are evaluated, computed once; rows then carry them as ``ref_log_probs``."""
         run = self.run
-        num_eval = len(run.test_rows) if run.cfg.eval.num_examples is None else min(run.cfg.eval.num_examples, len(run.test_rows))
+        num_eval = (
+            len(run.test_rows)
+            if run.cfg.eval.num_examples is None
+            else min(run.cfg.eval.num_examples, len(run.test_rows))
+        )
         run.test_rows = run.test_rows.select(range(num_eval))
         for name in ("train_rows", "test_rows"):
             rows = getattr(run, name)
@@ -118,7 +150,9 @@ class PreferenceLoop(Loop):
             chunk = run.cfg.trainer.micro_batch_per_device
             for start in range(0, len(rows), chunk):
                 part = rows.select(range(start, min(start + chunk, len(rows))))
-                batch, mask = encode_response_sets(run.tokenizer, run.prompts(list(part)), part["responses"], self.engine.device)
+                batch, mask = encode_response_sets(
+                    run.tokenizer, run.prompts(list(part)), part["responses"], self.engine.device
+                )
                 log_probs = score_response_sets(self.reference, batch, mask.shape[1], chunk)
                 values += [row[: len(r)] for row, r in zip(log_probs.tolist(), part["responses"])]
             setattr(run, name, rows.add_column("ref_log_probs", values))
@@ -137,21 +171,44 @@ class OnlinePreferenceLoop(PreferenceLoop):
         run, algo, k = self.run, self.algo, self.algo.group_size
         prompts = run.prompts(rows)
         with timer.phase("rollout"):
-            rollout = generate(self.engine.module, run.tokenizer, prompts, num_samples=k, max_new_tokens=algo.sampling.max_new_tokens,
-                               temperature=algo.sampling.temperature, top_p=algo.sampling.top_p)
+            rollout = generate(
+                self.engine.module,
+                run.tokenizer,
+                prompts,
+                num_samples=k,
+                max_new_tokens=algo.sampling.max_new_tokens,
+                temperature=algo.sampling.temperature,
+                top_p=algo.sampling.top_p,
+            )
             completions = decode_responses(run.tokenizer, rollout)
         with timer.phase("reward"):
             repeated = [row for row in rows for _ in range(k)]
-            totals, _ = run.reward([p for p in prompts for _ in range(k)], completions, completion_ids=rollout.completion_ids(),
-                                   **run.columns(repeated))
+            totals, _ = run.reward(
+                [p for p in prompts for _ in range(k)],
+                completions,
+                completion_ids=rollout.completion_ids(),
+                **run.columns(repeated),
+            )
             scores = torch.tensor(totals, dtype=torch.float32).view(len(rows), k)
             index, mask = self.select(scores, algo)
-        responses = [[completions[b * k + j] for j, keep in zip(index[b].tolist(), mask[b].tolist()) if keep] for b in range(len(rows))]
-        kept_scores = [[float(scores[b, j]) for j, keep in zip(index[b].tolist(), mask[b].tolist()) if keep] for b in range(len(rows))]
-        metrics = {"reward/mean": mean_std(totals)[0], "reward/std": mean_std(totals)[1],
-                   "selection/prompts_kept_frac": float(mask.any(-1).float().mean()),
-                   "selection/responses_kept": float(mask.sum(-1).float().mean())}
-        samples = [{"prompt": p, "completion": c, "reward": r, "answer": ""} for p, c, r in zip([p for p in prompts for _ in range(k)], completions, totals)]
+        responses = [
+            [completions[b * k + j] for j, keep in zip(index[b].tolist(), mask[b].tolist()) if keep]
+            for b in range(len(rows))
+        ]
+        kept_scores = [
+            [float(scores[b, j]) for j, keep in zip(index[b].tolist(), mask[b].tolist()) if keep]
+            for b in range(len(rows))
+        ]
+        metrics = {
+            "reward/mean": mean_std(totals)[0],
+            "reward/std": mean_std(totals)[1],
+            "selection/prompts_kept_frac": float(mask.any(-1).float().mean()),
+            "selection/responses_kept": float(mask.sum(-1).float().mean()),
+        }
+        samples = [
+            {"prompt": p, "completion": c, "reward": r, "answer": ""}
+            for p, c, r in zip([p for p in prompts for _ in range(k)], completions, totals)
+        ]
         return responses, kept_scores, metrics, samples
 
 
@@ -164,9 +221,12 @@ def pair_statistics(responses: ResponseSet, beta: float) -> dict[str, float]:
         chosen, rejected = responses.chosen_rejected()
         total = float(present.sum())
         per = lambda v: float((v * present).sum()) / max(total, 1)  # noqa: E731
-        return {"accuracy": per(pair_accuracy(h)), "margin": per(beta * h),
-                "chosen_logp": per(responses.log_probs.gather(1, chosen[:, None])[:, 0]),
-                "rejected_logp": per(responses.log_probs.gather(1, rejected[:, None])[:, 0])}
+        return {
+            "accuracy": per(pair_accuracy(h)),
+            "margin": per(beta * h),
+            "chosen_logp": per(responses.log_probs.gather(1, chosen[:, None])[:, 0]),
+            "rejected_logp": per(responses.log_probs.gather(1, rejected[:, None])[:, 0]),
+        }
 
 
 def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """The loop registry and what every loop shares."""
+
 from __future__ import annotations
 
 from rlkit.data import PromptSampler

@@ -1,4 +1,5 @@
 """Bradley-Terry reward modelling on preference pairs (``algo=rm``)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,13 @@ class RewardModelLoop(Loop):
     def __init__(self, run, model, reference_source: str):
         super().__init__(run)
         cfg = run.cfg
-        self.engine = make_engine(run, as_reward_model(model, run.tokenizer.pad_token_id), lr=cfg.algo.lr,
-                                  batch_size_global=cfg.trainer.prompts_per_step_global, total_steps=cfg.trainer.max_steps)
+        self.engine = make_engine(
+            run,
+            as_reward_model(model, run.tokenizer.pad_token_id),
+            lr=cfg.algo.lr,
+            batch_size_global=cfg.trainer.prompts_per_step_global,
+            total_steps=cfg.trainer.max_steps,
+        )
 
     def pair_texts(self, rows: list[dict]) -> list[str]:
         """prompt + chosen, prompt + rejected, interleaved: rows 2i and 2i + 1 are pair i."""
@@ -41,10 +47,17 @@ class RewardModelLoop(Loop):
             return loss.sum() / num_pairs
 
         with timer.phase("update"):
-            grad_norm = optimizer_step(self.engine, split_micro_batches(len(rows), self.engine.gradient_accumulation_steps()), loss_fn)
+            grad_norm = optimizer_step(
+                self.engine, split_micro_batches(len(rows), self.engine.gradient_accumulation_steps()), loss_fn
+            )
         metrics = {key: all_reduce_sum(value) / num_pairs for key, value in sums.items()}
-        metrics.update({"actor/grad_norm": grad_norm, "actor/lr": self.engine.get_lr()[0],
-                        "tokens": all_reduce_sum(float(encoded["attention_mask"].sum()))})
+        metrics.update(
+            {
+                "actor/grad_norm": grad_norm,
+                "actor/lr": self.engine.get_lr()[0],
+                "tokens": all_reduce_sum(float(encoded["attention_mask"].sum())),
+            }
+        )
         return metrics, []
 
     @torch.no_grad()
@@ -52,6 +65,12 @@ class RewardModelLoop(Loop):
         """r(chosen) and r(rejected) of held-out pairs: what the pair evaluation compares."""
         micro = self.run.cfg.trainer.micro_batch_per_device
         texts = self.pair_texts(rows)
-        scores = torch.cat([reward_scores(self.engine.module, encode_texts(self.run.tokenizer, texts[i:i + micro], self.engine.device))
-                            for i in range(0, len(texts), micro)]).view(-1, 2)
+        scores = torch.cat(
+            [
+                reward_scores(
+                    self.engine.module, encode_texts(self.run.tokenizer, texts[i : i + micro], self.engine.device)
+                )
+                for i in range(0, len(texts), micro)
+            ]
+        ).view(-1, 2)
         return {"chosen_reward": scores[:, 0].tolist(), "rejected_reward": scores[:, 1].tolist()}

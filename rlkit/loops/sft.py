@@ -1,5 +1,6 @@
 """Supervised fine-tuning on the task's reference solutions (``algo=sft``, and
 the warm start that gives a random model a first non-zero reward)."""
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,16 @@ def supervised_batch(tokenizer, prompts: list[str], targets: list[str], device) 
 
 def token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Negative log-likelihood of each next token, (B, L-1), zero where not trained on."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False).logits[:, :-1].float()
+    logits = (
+        model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=position_ids_from_mask(batch["attention_mask"]),
+            use_cache=False,
+        )
+        .logits[:, :-1]
+        .float()
+    )
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
     return nll * batch["loss_mask"][:, 1:]
 
@@ -38,19 +47,34 @@ def token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 class SFTLoop(Loop):
     """Token-mean cross-entropy on ``solution`` given the formatted prompt."""
 
-    def __init__(self, run, model, reference_source: str | None = None, *, lr: float | None = None,
-                 batch_size_global: int | None = None, max_steps: int | None = None):
+    def __init__(
+        self,
+        run,
+        model,
+        reference_source: str | None = None,
+        *,
+        lr: float | None = None,
+        batch_size_global: int | None = None,
+        max_steps: int | None = None,
+    ):
         super().__init__(run)
         cfg = run.cfg
         self.batch_size_global = batch_size_global or cfg.trainer.prompts_per_step_global
-        self.engine = make_engine(run, model, lr=lr or cfg.algo.lr, batch_size_global=self.batch_size_global,
-                                  total_steps=max_steps or cfg.trainer.max_steps)
+        self.engine = make_engine(
+            run,
+            model,
+            lr=lr or cfg.algo.lr,
+            batch_size_global=self.batch_size_global,
+            total_steps=max_steps or cfg.trainer.max_steps,
+        )
 
     def step(self, step: int, timer):
         run = self.run
         with timer.phase("data"):
             rows = self.next_rows(self.batch_size_global)
-            batch = supervised_batch(run.tokenizer, run.prompts(rows), [r["solution"] for r in rows], self.engine.device)
+            batch = supervised_batch(
+                run.tokenizer, run.prompts(rows), [r["solution"] for r in rows], self.engine.device
+            )
             num_tokens = all_reduce_sum(float(batch["loss_mask"].sum()))
         losses = []
 

@@ -20,18 +20,27 @@ resumed run continues them (with a different process count they are dealt out ag
 no longer fit are dropped -- harmless: their tokens already trained the policy, they just never
 get a reward or train the value model).
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from rlkit.algos import AdvantageInputs
 from rlkit.algos.gae import generalized_advantages
 from rlkit.algos.masked import masked_mean
-from rlkit.engine import all_gather_objects, all_reduce_sum, mean_over_ranks, optimizer_step, rank, split_micro_batches, world_size
+from rlkit.engine import (
+    all_gather_objects,
+    all_reduce_sum,
+    mean_over_ranks,
+    optimizer_step,
+    rank,
+    split_micro_batches,
+    world_size,
+)
 from rlkit.loops.policy_gradient import PolicyGradientLoop, explained_variance
 from rlkit.loops.registry import LOOPS
 from rlkit.metrics import mean_std
@@ -47,7 +56,9 @@ class InFlight:
     prompt: str
     prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)  # the response so far
-    shaping: list[float] = field(default_factory=list)  # per-token reward shaping (the KL penalty) of those tokens, as computed when each was trained on
+    shaping: list[float] = field(
+        default_factory=list
+    )  # per-token reward shaping (the KL penalty) of those tokens, as computed when each was trained on
 
 
 @dataclass
@@ -73,8 +84,8 @@ def right_pad(sequences: list[list], pad_value, dtype=torch.long) -> tuple[torch
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         if seq:
-            values[i, :len(seq)] = torch.tensor(seq, dtype=dtype)
-            mask[i, :len(seq)] = 1
+            values[i, : len(seq)] = torch.tensor(seq, dtype=dtype)
+            mask[i, : len(seq)] = 1
     return values, mask
 
 
@@ -113,8 +124,13 @@ class ResponsePool:
         ids, mask = sampled.response_ids, sampled.response_mask
         eos = ~sampled.truncated
         ended = eos | (done.to(ids.device) + mask.sum(-1) >= self.max_tokens)
-        rollout = Rollout(prompt_ids=sampled.prompt_ids, prompt_mask=sampled.prompt_mask, response_ids=ids.masked_fill(mask == 0, self.pad_token_id),
-                          response_mask=mask, truncated=~eos)
+        rollout = Rollout(
+            prompt_ids=sampled.prompt_ids,
+            prompt_mask=sampled.prompt_mask,
+            response_ids=ids.masked_fill(mask == 0, self.pad_token_id),
+            response_mask=mask,
+            truncated=~eos,
+        )
         return Window(rollout, slots, ended, eos)
 
     def retire(self, window: Window, shaping: torch.Tensor) -> list[InFlight]:
@@ -123,8 +139,8 @@ class ResponsePool:
         ended, going_on = [], []
         lengths = window.rollout.response_mask.sum(-1).tolist()
         for i, slot in enumerate(window.slots):
-            slot.tokens += window.rollout.response_ids[i, :lengths[i]].tolist()
-            slot.shaping += shaping[i, :lengths[i]].tolist()
+            slot.tokens += window.rollout.response_ids[i, : lengths[i]].tolist()
+            slot.shaping += shaping[i, : lengths[i]].tolist()
             (ended if bool(window.ended[i]) else going_on).append(slot)
         self.slots = going_on
         return ended
@@ -137,7 +153,9 @@ class ResponsePool:
         self.slots = [InFlight(**s) for s in state["slots"]][: self.capacity]
 
 
-def whole_responses(slots: list[InFlight], scores: list[float], pad_token_id: int, device=None) -> tuple[Rollout, torch.Tensor]:
+def whole_responses(
+    slots: list[InFlight], scores: list[float], pad_token_id: int, device=None
+) -> tuple[Rollout, torch.Tensor]:
     """The ended ``slots`` as one rollout of their original prompts and whole responses, and
     their (B, T) token rewards: the recorded shaping plus the score on the last token."""
     prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in slots], pad_token_id)
@@ -145,7 +163,9 @@ def whole_responses(slots: list[InFlight], scores: list[float], pad_token_id: in
     rewards, _ = right_pad([s.shaping for s in slots], 0.0, dtype=torch.float32)
     last = (response_mask.sum(-1) - 1).clamp(min=0)
     rewards[torch.arange(len(slots)), last] += torch.tensor(scores, dtype=torch.float32) * (response_mask.sum(-1) > 0)
-    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, truncated=torch.zeros(len(slots), dtype=torch.bool))
+    rollout = Rollout(
+        prompt_ids, prompt_mask, response_ids, response_mask, truncated=torch.zeros(len(slots), dtype=torch.bool)
+    )
     return rollout.to(device), rewards.to(device)
 
 
@@ -174,9 +194,16 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             completion_ids = [window.completion_ids(i) for i in ended]
             completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if ended else []
             rows = [run.train_rows[s.row] for s in ended_slots]
-            totals, per_term = run.reward([s.prompt for s in ended_slots], completions, completion_ids=completion_ids,
-                                          **run.columns(rows)) if ended else ([], {})
-        metrics.update({f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()})
+            totals, per_term = (
+                run.reward(
+                    [s.prompt for s in ended_slots], completions, completion_ids=completion_ids, **run.columns(rows)
+                )
+                if ended
+                else ([], {})
+            )
+        metrics.update(
+            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()}
+        )
         num_ended = all_reduce_sum(float(len(ended)))
         with timer.phase("log_probs"):
             old_log_probs = self.score(self.engine, rollout) if self.needs_old_log_probs else None
@@ -190,20 +217,34 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             shaping = self.token_rewards(torch.zeros_like(scores), mask, old_log_probs, ref_log_probs)
             token_rewards = self.token_rewards(scores, mask, old_log_probs, ref_log_probs)
             last_values = old_values.gather(1, (mask.sum(-1) - 1).clamp(min=0)[:, None]).squeeze(1)
-            bootstrap = torch.where(window.ended.to(device), torch.zeros_like(last_values), last_values)  # EGAE: V(s_l) ~ V(s_{l-1})
-            inputs = AdvantageInputs(token_rewards, mask, torch.arange(len(rollout), device=device), values=old_values, bootstrap_values=bootstrap)
+            bootstrap = torch.where(
+                window.ended.to(device), torch.zeros_like(last_values), last_values
+            )  # EGAE: V(s_l) ~ V(s_{l-1})
+            inputs = AdvantageInputs(
+                token_rewards,
+                mask,
+                torch.arange(len(rollout), device=device),
+                values=old_values,
+                bootstrap_values=bootstrap,
+            )
             advantages, _ = self.advantage_fn(inputs, algo)
         with timer.phase("update"):
             train_policy = step > algo.critic.pretrain_steps
-            metrics.update(self.update(rollout, inputs.group_index, advantages, old_log_probs, ref_log_probs, None, None, train_policy))
+            metrics.update(
+                self.update(
+                    rollout, inputs.group_index, advantages, old_log_probs, ref_log_probs, None, None, train_policy
+                )
+            )
             retired = self.pool.retire(window, shaping)
             metrics.update(self.train_value_model(retired, scores[ended].tolist(), rollout))
         metrics.update(self.control_kl(old_log_probs, ref_log_probs, mask))
         metrics.update(self.window_metrics(window, retired, totals, per_term, num_ended))
         metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), mask))
         metrics["tokens"] = all_reduce_sum(float(rollout.attention_mask.sum()))
-        samples = [{"prompt": s.prompt, "completion": c, "reward": r, "answer": row.get("answer", "")}
-                   for s, c, r, row in zip(ended_slots, completions, totals, rows)]
+        samples = [
+            {"prompt": s.prompt, "completion": c, "reward": r, "answer": row.get("answer", "")}
+            for s, c, r, row in zip(ended_slots, completions, totals, rows)
+        ]
         return metrics, samples
 
     def refill(self) -> int:
@@ -213,8 +254,8 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         run, size = self.run, self.algo.group_size
         needs = all_gather_objects(-(-self.pool.free() // size))
         indices = self.sampler.next_global(sum(needs)) if sum(needs) else []
-        start = sum(needs[:rank()])
-        mine = indices[start:start + needs[rank()]]
+        start = sum(needs[: rank()])
+        mine = indices[start : start + needs[rank()]]
         prompts = run.prompts([run.train_rows[i] for i in mine]) if mine else []
         for index, prompt in zip(mine, prompts):
             ids = run.tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -226,9 +267,19 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         (earlier windows included) has ``sampling.min_new_tokens`` tokens."""
         algo, tokenizer = self.algo, self.run.tokenizer
         hook = getattr(self, "rollout_logits_processor", None)  # a loop's reshaped sampling distribution, if any
-        return sample(self.engine.module, prompt_ids, prompt_mask, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      num_samples=1, max_new_tokens=max_new_tokens, min_new_tokens=(algo.sampling.min_new_tokens - done).clamp(min=0),
-                      temperature=algo.sampling.temperature, top_p=algo.sampling.top_p, logits_processor=hook() if hook else None)
+        return sample(
+            self.engine.module,
+            prompt_ids,
+            prompt_mask,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=(algo.sampling.min_new_tokens - done).clamp(min=0),
+            temperature=algo.sampling.temperature,
+            top_p=algo.sampling.top_p,
+            logits_processor=hook() if hook else None,
+        )
 
     def train_value_model(self, ended: list[InFlight], scores: list[float], filler: Rollout) -> dict[str, float]:
         """``update_epochs`` x ``minibatches`` critic steps on every token of the responses that
@@ -275,27 +326,44 @@ class TruncatedPPOLoop(PolicyGradientLoop):
 
         for _ in range(algo.update_epochs):
             for minibatch in torch.randperm(size).split(size // algo.minibatches):
-                counts = (all_reduce_sum(float(mask[minibatch].sum())), all_reduce_sum(float(real[minibatch].sum())), algo.sampling.max_new_tokens)
-                micro_batches = [minibatch[i] for i in split_micro_batches(len(minibatch), engine.gradient_accumulation_steps())]
+                counts = (
+                    all_reduce_sum(float(mask[minibatch].sum())),
+                    all_reduce_sum(float(real[minibatch].sum())),
+                    algo.sampling.max_new_tokens,
+                )
+                micro_batches = [
+                    minibatch[i] for i in split_micro_batches(len(minibatch), engine.gradient_accumulation_steps())
+                ]
                 norms.append(optimizer_step(engine, micro_batches, lambda index: value_loss(index, counts)))
         metrics = mean_over_ranks({key: total / max(weight, 1.0) for key, (total, weight) in sums.items()})
         metrics["critic/grad_norm"] = sum(norms) / len(norms)
         metrics["critic/explained_variance"] = explained_variance(old_values, returns, mask)
         return metrics
 
-    def window_metrics(self, window: Window, retired: list[InFlight], totals: list[float], per_term: dict, num_ended: float) -> dict[str, float]:
+    def window_metrics(
+        self, window: Window, retired: list[InFlight], totals: list[float], per_term: dict, num_ended: float
+    ) -> dict[str, float]:
         """Rewards and lengths of the responses that ended (over all processes), and the pool's state."""
-        local = {"totals": totals, "terms": per_term, "lengths": [len(s.tokens) for s in retired],
-                 "capped": [float(not bool(e)) for e, n in zip(window.eos.tolist(), window.ended.tolist()) if n],
-                 "window": window.rollout.response_lengths.tolist()}
+        local = {
+            "totals": totals,
+            "terms": per_term,
+            "lengths": [len(s.tokens) for s in retired],
+            "capped": [float(not bool(e)) for e, n in zip(window.eos.tolist(), window.ended.tolist()) if n],
+            "window": window.rollout.response_lengths.tolist(),
+        }
         gathered = all_gather_objects(local)
         flat = lambda key: [v for part in gathered for v in part[key]]  # noqa: E731
-        metrics = {"tppo/ended": num_ended, "tppo/in_flight": all_reduce_sum(float(len(self.pool.slots))),
-                   "tppo/window_length_mean": mean_std(flat("window"))[0]}
+        metrics = {
+            "tppo/ended": num_ended,
+            "tppo/in_flight": all_reduce_sum(float(len(self.pool.slots))),
+            "tppo/window_length_mean": mean_std(flat("window"))[0],
+        }
         if num_ended:
             metrics["reward/mean"], metrics["reward/std"] = mean_std(flat("totals"))
             for name in sorted({n for part in gathered for n in part["terms"]}):
-                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std([v for part in gathered for v in part["terms"].get(name, [])])
+                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(
+                    [v for part in gathered for v in part["terms"].get(name, [])]
+                )
             lengths = flat("lengths")
             metrics["response/length_mean"], metrics["response/length_max"] = mean_std(lengths)[0], float(max(lengths))
             metrics["response/truncated_frac"] = mean_std(flat("capped"))[0]
@@ -317,4 +385,6 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             self.pool.load_state_dict(pools[rank()])
         else:  # another process count: deal the responses out again (any beyond the capacity are dropped)
             slots = [s for pool in pools for s in pool["slots"]]
-            self.pool.load_state_dict({"next_uid": max(p["next_uid"] for p in pools), "slots": slots[rank()::world_size()]})
+            self.pool.load_state_dict(
+                {"next_uid": max(p["next_uid"] for p in pools), "slots": slots[rank() :: world_size()]}
+            )

@@ -1,5 +1,6 @@
 """Policy and reference models through transformers."""
-from rlkit.models.loading import load_pretrained, load_tokenizer, configure_for_training
+
+from rlkit.models.loading import configure_for_training, load_pretrained, load_tokenizer
 from rlkit.models.tiny import build_tiny_model
 
 __all__ = ["build_tiny_model", "configure_for_training", "load_pretrained", "load_tokenizer"]

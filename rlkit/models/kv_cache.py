@@ -4,6 +4,7 @@ transformers 5.24 renamed the forward's ``past_key_values`` argument and output 
 the old name works there with a warning until 5.40. rlkit supports older releases too, so it passes
 and reads the cache under the name the model's forward declares.
 """
+
 from __future__ import annotations
 
 import functools

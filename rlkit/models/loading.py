@@ -1,4 +1,5 @@
 """Loading any causal LM by ``name_or_path`` (local directory or hub id)."""
+
 from __future__ import annotations
 
 import os
@@ -42,7 +43,12 @@ def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
     if attention:
         kwargs["attn_implementation"] = attention
     model = from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
-    if hardware.device == "cpu" and hardware.cpu_matmul == "onednn" and hardware.zero_stage < 3 and DTYPES[hardware.dtype] in onednn_dtypes():
+    if (
+        hardware.device == "cpu"
+        and hardware.cpu_matmul == "onednn"
+        and hardware.zero_stage < 3
+        and DTYPES[hardware.dtype] in onednn_dtypes()
+    ):
         use_onednn_linears(model)
     return model
 

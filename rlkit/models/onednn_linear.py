@@ -6,10 +6,11 @@ measured in ``docs/performance.md``, and faster still with its weights reordered
 its blocked layout, which pays off when a weight is reused many times without changing:
 the decoding steps of one rollout. Results equal ``nn.Linear``'s to float rounding.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -77,8 +78,12 @@ def use_onednn_linears(model: nn.Module, min_weight_elements: int | None = None)
     smallest = MIN_WEIGHT_ELEMENTS if min_weight_elements is None else min_weight_elements
     dtypes, converted = onednn_dtypes(), 0
     for module in model.modules():
-        if (type(module) is nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype in dtypes
-                and module.weight.numel() >= smallest):
+        if (
+            type(module) is nn.Linear
+            and module.weight.device.type == "cpu"
+            and module.weight.dtype in dtypes
+            and module.weight.numel() >= smallest
+        ):
             module.__class__ = OneDNNLinear
             converted += 1
     return converted
@@ -111,7 +116,12 @@ def fused_projection(layers: Sequence[nn.Linear], rows: int) -> Callable[[torch.
     weight = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
     bias = None
     if any(layer.bias is not None for layer in layers):
-        bias = torch.cat([layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers])
+        bias = torch.cat(
+            [
+                layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features)
+                for layer in layers
+            ]
+        )
     if all(type(layer) is OneDNNLinear for layer in layers):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: onednn_matmul(x, packed, bias)

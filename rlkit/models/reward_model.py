@@ -2,6 +2,7 @@
 the last non-padding token of prompt + response. What ``algo=rm`` trains and saves
 (``AutoModelForSequenceClassification.from_pretrained`` loads it) and what
 ``reward=model`` scores with."""
+
 from __future__ import annotations
 
 import copy
@@ -30,7 +31,11 @@ def encode_texts(tokenizer, texts: list[str], device) -> dict[str, torch.Tensor]
 
 def reward_scores(model, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B,) scalar rewards."""
-    return model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], use_cache=False).logits[:, 0].float()
+    return (
+        model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], use_cache=False)
+        .logits[:, 0]
+        .float()
+    )
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,8 +1,9 @@
 """A small Llama-family causal LM with a tokenizer trained locally, for laptop runs
 and tests: random init from a config, no hub access."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -27,8 +28,12 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     )
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     # ids and mask only, as causal-LM tokenizers do: transformers 4.x's generate() rejects token_type_ids
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, padding_side="left", model_input_names=["input_ids", "attention_mask"],
-                                   **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],
+        **SPECIAL_TOKENS,
+    )
 
 
 def build_tiny_model(arch, corpus: Iterable[str], seed: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:

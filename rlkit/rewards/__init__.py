@@ -4,10 +4,18 @@
 contract of TRL's reward functions). Register one with
 ``@REWARDS.register("name")``, or point ``reward.fn`` at ``package.module:function``.
 """
+
+from rlkit.rewards import (  # noqa: F401  (task rewards: code_tests, math_verify, answer_tags, repetition_penalty, vader_*, classifier_sentiment, sql_execution, rouge, bleu)
+    code,
+    math,  # noqa: F401  (registers the math rewards)
+    math_equivalence,
+    reward_model,  # noqa: F401  (registers reward_model: a learned scalar reward)
+    rules,
+    sentiment,
+    shaping,  # noqa: F401  (registers the shaping rewards: overlong_penalty)
+    sql,
+    text,
+)
 from rlkit.rewards.registry import REWARDS, CompositeReward, build_reward, resolve_reward_fn
-from rlkit.rewards import math  # noqa: F401  (registers the math rewards)
-from rlkit.rewards import shaping  # noqa: F401  (registers the shaping rewards: overlong_penalty)
-from rlkit.rewards import reward_model  # noqa: F401  (registers reward_model: a learned scalar reward)
-from rlkit.rewards import code, math_equivalence, rules, sentiment, sql, text  # noqa: F401  (task rewards: code_tests, math_verify, answer_tags, repetition_penalty, vader_*, classifier_sentiment, sql_execution, rouge, bleu)
 
 __all__ = ["REWARDS", "CompositeReward", "build_reward", "resolve_reward_fn"]

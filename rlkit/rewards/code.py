@@ -1,4 +1,5 @@
 """Code rewards: a completion's program must pass the row's unit tests, run in the sandbox."""
+
 from __future__ import annotations
 
 import re
@@ -33,15 +34,29 @@ def test_program(code_prompt: str, completion: str, tests: str, entry_point: str
 
 
 @REWARDS.register("code_tests")
-def code_tests_reward(prompts: list[str], completions: list[str], question: list[str], tests: list[str], entry_point: list[str] | None = None,
-                      *, wall_seconds: float = 10.0, cpu_seconds: int = 5, memory_mb: int = 512, max_processes: int = 8) -> list[float]:
+def code_tests_reward(
+    prompts: list[str],
+    completions: list[str],
+    question: list[str],
+    tests: list[str],
+    entry_point: list[str] | None = None,
+    *,
+    wall_seconds: float = 10.0,
+    cpu_seconds: int = 5,
+    memory_mb: int = 512,
+    max_processes: int = 8,
+) -> list[float]:
     """1.0 where the program (``question`` + completion) passes the row's ``tests`` in a
     fresh sandbox (see :mod:`rlkit.rewards.sandbox`), else 0.0: failing tests, errors,
     time-outs and every limit hit score 0. Raises only when no sandbox can run here."""
     check_sandbox()
-    limits = SandboxLimits(wall_seconds=wall_seconds, cpu_seconds=cpu_seconds, memory_mb=memory_mb, max_processes=max_processes)
+    limits = SandboxLimits(
+        wall_seconds=wall_seconds, cpu_seconds=cpu_seconds, memory_mb=memory_mb, max_processes=max_processes
+    )
     scores = []
-    for code_prompt, completion, test, entry in zip(question, completions, tests, entry_point or [""] * len(completions)):
+    for code_prompt, completion, test, entry in zip(
+        question, completions, tests, entry_point or [""] * len(completions)
+    ):
         marker = f"all tests passed {secrets.token_hex(8)}"
         result = run_python(test_program(code_prompt, completion, test, entry, marker), limits)
         scores.append(float(result.returncode == 0 and marker in result.stdout))

@@ -1,4 +1,5 @@
 """Rule rewards for math word problems with numeric answers (GSM8K style)."""
+
 from __future__ import annotations
 
 import re
@@ -64,7 +65,9 @@ def math_answer_reward(prompts: list[str], completions: list[str], answer: list[
 
 
 @REWARDS.register("math_format")
-def math_format_reward(prompts: list[str], completions: list[str], pattern: str = r"####\s*-?[\d,.]+\s*$", **_) -> list[float]:
+def math_format_reward(
+    prompts: list[str], completions: list[str], pattern: str = r"####\s*-?[\d,.]+\s*$", **_
+) -> list[float]:
     """1.0 where the completion ends in the answer format (by default ``#### <number>``)."""
     regex = re.compile(pattern)
     return [float(bool(regex.search(c.strip()))) for c in completions]

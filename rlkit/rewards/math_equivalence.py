@@ -1,6 +1,7 @@
 """Symbolic answer equivalence for competition math (MATH-style ``\\boxed{}`` answers),
 by Hugging Face's math-verify: ``\\frac{1}{2}``, ``0.5`` and ``\\dfrac12`` agree, as do
 ``x(x+2)`` and ``x^2+2x``, intervals, sets and matrices."""
+
 from __future__ import annotations
 
 import threading

@@ -1,4 +1,5 @@
 """The reward registry and weighted composition of reward terms."""
+
 from __future__ import annotations
 
 import functools
@@ -8,9 +9,10 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rlkit.registry import Registry
 
@@ -39,7 +41,9 @@ class RewardTermFn:
     name: str
     fn: RewardFn
     weight: float
-    workers: int = 0  # > 0: score each sample in its own call, this many at a time on threads (rewards that wait on subprocesses)
+    workers: int = (
+        0  # > 0: score each sample in its own call, this many at a time on threads (rewards that wait on subprocesses)
+    )
     timeout: float | None = None  # with workers: seconds one sample may take; later ones count as failures
     failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None/NaN
 
@@ -52,7 +56,9 @@ class RewardTermFn:
             fields = {k: v for k, v in fields.items() if k in names}
         return [None if s is None else float(s) for s in self.fn(prompts, completions, **fields)]
 
-    def score(self, prompts: list[str], completions: list[str], **fields: list[Any]) -> tuple[list[float | None], list[BaseException]]:
+    def score(
+        self, prompts: list[str], completions: list[str], **fields: list[Any]
+    ) -> tuple[list[float | None], list[BaseException]]:
         """Like calling the term, but a raised exception or a time-out fails only the samples
         it concerns: (scores with None for each failed sample, the errors seen)."""
         if not self.workers:
@@ -60,7 +66,10 @@ class RewardTermFn:
                 return list(self(prompts, completions, **fields)), []
             except Exception as error:  # noqa: BLE001  (any reward bug must not end the run)
                 return [None] * len(completions), [error]
-        calls = [self.pool.apply_async(self, ([p], [c]), {k: v[i:i + 1] for k, v in fields.items()}) for i, (p, c) in enumerate(zip(prompts, completions))]
+        calls = [
+            self.pool.apply_async(self, ([p], [c]), {k: v[i : i + 1] for k, v in fields.items()})
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
         # Samples queue for a worker, so the wait is per round of `workers` samples.
         deadline = time.monotonic() + self.timeout * math.ceil(len(calls) / self.workers) if self.timeout else None
         scores, errors = [], []
@@ -86,7 +95,9 @@ class CompositeReward:
         self.terms = list(terms)
         self.failures: Counter[str] = Counter()
 
-    def __call__(self, prompts: list[str], completions: list[str], **row_fields: list[Any]) -> tuple[list[float], dict[str, list[float]]]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], **row_fields: list[Any]
+    ) -> tuple[list[float], dict[str, list[float]]]:
         """Returns (total per sample, {term name: scores per sample}). A sample whose term
         failed (raised, timed out, gave None or NaN) scores the term's ``failure_value``;
         failures are logged and counted in :attr:`failures`."""
@@ -94,12 +105,21 @@ class CompositeReward:
         for term in self.terms:
             scores, errors = term.score(prompts, completions, **row_fields)
             if len(scores) != len(completions):
-                raise ValueError(f"reward '{term.name}' returned {len(scores)} scores for {len(completions)} completions")
+                raise ValueError(
+                    f"reward '{term.name}' returned {len(scores)} scores for {len(completions)} completions"
+                )
             failed = [s is None or math.isnan(s) for s in scores]
             if any(failed):
                 self.failures[term.name] += sum(failed)
                 first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "None or NaN returned"
-                log.warning("reward '%s' failed on %d of %d samples, scored %s (first: %s)", term.name, sum(failed), len(scores), term.failure_value, first)
+                log.warning(
+                    "reward '%s' failed on %d of %d samples, scored %s (first: %s)",
+                    term.name,
+                    sum(failed),
+                    len(scores),
+                    term.failure_value,
+                    first,
+                )
             per_term[term.name] = [term.failure_value if bad else float(s) for s, bad in zip(scores, failed)]
         totals = [sum(t.weight * per_term[t.name][i] for t in self.terms) for i in range(len(completions))]
         return totals, per_term
@@ -120,6 +140,14 @@ def build_reward(reward_cfg) -> CompositeReward:
         fn = resolve_reward_fn(term["fn"])
         if term.get("args"):
             fn = functools.partial(fn, **dict(term["args"]))
-        terms.append(RewardTermFn(name, fn, float(term.get("weight", 1.0)), int(term.get("workers", 0)), term.get("timeout"),
-                                  float(term.get("failure_value", 0.0))))
+        terms.append(
+            RewardTermFn(
+                name,
+                fn,
+                float(term.get("weight", 1.0)),
+                int(term.get("workers", 0)),
+                term.get("timeout"),
+                float(term.get("failure_value", 0.0)),
+            )
+        )
     return CompositeReward(terms)

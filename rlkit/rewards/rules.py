@@ -1,5 +1,6 @@
 """Rule rewards usable with any task: answer-tag format and repetition. (Length: the
 ``overlong_penalty`` term of rlkit.rewards.shaping.)"""
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,7 @@ def answer_tags_reward(prompts: list[str], completions: list[str], *, think: boo
 
 def repeated_ngram_fraction(tokens: list[str], n: int) -> float:
     """The fraction of a sequence's n-grams that repeat an earlier one (0 for fewer than n tokens)."""
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 

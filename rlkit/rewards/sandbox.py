@@ -13,6 +13,7 @@ RLIMIT_NPROC, does not bind root). The count is kept per user namespace, so
 concurrent sandboxes with the same uid do not share it. docs/tasks-and-rewards.md
 lists what is and is not guaranteed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,14 @@ class SandboxLimits:
 
     def rlimits(self) -> list[tuple[str, int]]:
         mb = 1 << 20
-        return [("RLIMIT_CPU", self.cpu_seconds), ("RLIMIT_AS", self.memory_mb * mb), ("RLIMIT_NPROC", self.max_processes),
-                ("RLIMIT_FSIZE", self.file_size_mb * mb), ("RLIMIT_NOFILE", self.open_files), ("RLIMIT_CORE", 0)]
+        return [
+            ("RLIMIT_CPU", self.cpu_seconds),
+            ("RLIMIT_AS", self.memory_mb * mb),
+            ("RLIMIT_NPROC", self.max_processes),
+            ("RLIMIT_FSIZE", self.file_size_mb * mb),
+            ("RLIMIT_NOFILE", self.open_files),
+            ("RLIMIT_CORE", 0),
+        ]
 
 
 @dataclasses.dataclass
@@ -86,10 +93,38 @@ def bwrap_command(limits: SandboxLimits) -> list[str]:
         elif os.path.isdir(f"/{name}"):
             system += ["--ro-bind", f"/{name}", f"/{name}"]
     return [
-        bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv",
-        "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/work", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-        *system, "--proc", "/proc", "--dev", "/dev", "--size", str(limits.tmpfs_mb << 20), "--tmpfs", "/work", "--chdir", "/work",
-        sandbox_interpreter(), "-I", "-S", "-c", LAUNCHER.format(limits=limits.rlimits()),
+        bwrap,
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        "/work",
+        "--setenv",
+        "PYTHONDONTWRITEBYTECODE",
+        "1",
+        *system,
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(limits.tmpfs_mb << 20),
+        "--tmpfs",
+        "/work",
+        "--chdir",
+        "/work",
+        sandbox_interpreter(),
+        "-I",
+        "-S",
+        "-c",
+        LAUNCHER.format(limits=limits.rlimits()),
     ]
 
 
@@ -101,8 +136,15 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxR
     started = time.perf_counter()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            bwrap_command(limits), stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, env={}, start_new_session=True,
-            user=limits.uid if as_root else None, group=limits.uid if as_root else None, extra_groups=[] if as_root else None,
+            bwrap_command(limits),
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=stderr,
+            env={},
+            start_new_session=True,
+            user=limits.uid if as_root else None,
+            group=limits.uid if as_root else None,
+            extra_groups=[] if as_root else None,
         )
         try:
             process.communicate(source.encode(), timeout=limits.wall_seconds)
@@ -111,8 +153,12 @@ def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxR
             process.kill()  # bwrap's PID-namespace init dies with it (--die-with-parent), and with it every process inside
             process.wait()
             returncode = None
-        return SandboxResult(returncode, read_head(stdout, limits.output_bytes), read_head(stderr, limits.output_bytes),
-                             time.perf_counter() - started)
+        return SandboxResult(
+            returncode,
+            read_head(stdout, limits.output_bytes),
+            read_head(stderr, limits.output_bytes),
+            time.perf_counter() - started,
+        )
 
 
 def read_head(file, size: int) -> str:
@@ -125,4 +171,6 @@ def check_sandbox() -> None:
     """Raise :class:`SandboxUnavailable` unless a trivial program runs in the sandbox (checked once)."""
     result = run_python("print('ok')", SandboxLimits(wall_seconds=30))
     if result.returncode != 0 or result.stdout.strip() != "ok":
-        raise SandboxUnavailable(f"the sandbox cannot run here: {(result.stderr.strip().splitlines() or ['no output'])[0]}")
+        raise SandboxUnavailable(
+            f"the sandbox cannot run here: {(result.stderr.strip().splitlines() or ['no output'])[0]}"
+        )

@@ -1,6 +1,7 @@
 """Sentiment rewards (RL4LMs' IMDB task: continue a review positively): the offline
 VADER lexicon (Hutto & Gilbert 2014, shipped with ``vaderSentiment``) or any
 sequence-classification model given by path."""
+
 from __future__ import annotations
 
 import functools
@@ -38,8 +39,9 @@ def classifier(path: str):
 
 
 @REWARDS.register("classifier_sentiment")
-def classifier_sentiment_reward(prompts: list[str], completions: list[str], *, model: str, label: str = "POSITIVE",
-                                batch_size: int = 32) -> list[float]:
+def classifier_sentiment_reward(
+    prompts: list[str], completions: list[str], *, model: str, label: str = "POSITIVE", batch_size: int = 32
+) -> list[float]:
     """The probability a sequence-classification ``model`` (a local path or hub id, e.g. a
     DistilBERT fine-tuned on SST-2) gives ``label`` for each completion."""
     outputs = classifier(model)(completions, batch_size=batch_size, truncation=True)

@@ -1,7 +1,8 @@
 """Reward shaping terms that do not look at the answer (lengths and the like)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from rlkit.rewards.registry import REWARDS
 
@@ -17,7 +18,9 @@ def overlong_penalty_value(length: int, max_length: int, cache_length: int) -> f
     i.e. no penalty up to the cache window, a linear ramp to -1 across it, -1 beyond.
     """
     if max_length <= 0 or not 0 <= cache_length <= max_length:
-        raise ValueError(f"overlong_penalty needs max_length > 0 and 0 <= cache_length <= max_length (got {max_length}, {cache_length})")
+        raise ValueError(
+            f"overlong_penalty needs max_length > 0 and 0 <= cache_length <= max_length (got {max_length}, {cache_length})"
+        )
     free = max_length - cache_length
     if length <= free:
         return 0.0

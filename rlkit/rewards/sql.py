@@ -1,5 +1,6 @@
 """Text-to-SQL by execution: run the predicted and the gold query on the row's
 SQLite database and compare their results (execution accuracy, as in Spider/BIRD)."""
+
 from __future__ import annotations
 
 import re
@@ -58,8 +59,15 @@ def result_score(predicted: list[tuple], gold: list[tuple], partial: bool) -> fl
 
 
 @REWARDS.register("sql_execution")
-def sql_execution_reward(prompts: list[str], completions: list[str], db: list[str], query: list[str], *,
-                         partial: bool = False, timeout: float = 2.0) -> list[float]:
+def sql_execution_reward(
+    prompts: list[str],
+    completions: list[str],
+    db: list[str],
+    query: list[str],
+    *,
+    partial: bool = False,
+    timeout: float = 2.0,
+) -> list[float]:
     """1.0 where the completion's query returns the gold ``query``'s rows on the row's
     database ``db`` (a SQL script building it), else 0.0 (a query that fails or writes
     scores 0); ``partial=true`` gives partial credit for overlapping rows and columns."""

@@ -1,5 +1,6 @@
 """Overlap with reference texts (summarization and other generation tasks): ROUGE
 (Lin 2004) via Google's ``rouge-score`` and BLEU (Papineni et al. 2002) via ``sacrebleu``."""
+
 from __future__ import annotations
 
 import functools
@@ -23,7 +24,9 @@ def rouge_f(prediction: str, reference: str) -> dict[str, float]:
 
 
 @REWARDS.register("rouge")
-def rouge_reward(prompts: list[str], completions: list[str], reference: list[str], *, rouge_type: str = "rougeL") -> list[float]:
+def rouge_reward(
+    prompts: list[str], completions: list[str], reference: list[str], *, rouge_type: str = "rougeL"
+) -> list[float]:
     """ROUGE F-measure (``rouge1``, ``rouge2`` or ``rougeL``) of each completion against the row's ``reference``, in [0, 1]."""
     if rouge_type not in ROUGE_TYPES:
         raise ValueError(f"rouge_type='{rouge_type}': use one of {', '.join(ROUGE_TYPES)}")

@@ -1,4 +1,5 @@
 """Sampling responses from the policy and scoring tokens under a model."""
+
 from rlkit.rollout.generate import Rollout, generate
 from rlkit.rollout.logprobs import token_log_probs
 

@@ -5,10 +5,12 @@ Llama-family models (Llama, Qwen2, Mistral without a sliding window) decode thro
 hand-written step that calls the model's own layers; any other model or device decodes
 through the ``transformers`` forward. Both give the same logits to float tolerance.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
@@ -35,12 +37,14 @@ class ReservedLayer(DynamicLayer):
         self.length = 0
         self.update(keys.repeat_interleave(repeats, 0), values.repeat_interleave(repeats, 0))
         for buffer in (self.key_buffer, self.value_buffer):
-            buffer[:, :, self.length:].zero_()  # finite where not yet written: masked attention multiplies them by 0
+            buffer[:, :, self.length :].zero_()  # finite where not yet written: masked attention multiplies them by 0
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
         self.length = end
         self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
         return self.keys, self.values
@@ -64,8 +68,13 @@ def decoding_step(model, cache, prompt_mask: torch.Tensor, hand_written: bool = 
     layer is reserved full attention, unless ``hand_written`` is False; otherwise the model's
     forward, with its oneDNN layers' weights reordered once for all steps. (GPU decoding keeps
     the forward: the hand-written step is measured on CPU only.)"""
-    if hand_written and prompt_mask.device.type == "cpu" and type(model) in HAND_WRITTEN_ARCHITECTURES and not is_sharded(model) \
-            and all(type(layer) is ReservedLayer for layer in cache.layers):
+    if (
+        hand_written
+        and prompt_mask.device.type == "cpu"
+        and type(model) in HAND_WRITTEN_ARCHITECTURES
+        and not is_sharded(model)
+        and all(type(layer) is ReservedLayer for layer in cache.layers)
+    ):
         yield llama_step(model, cache, prompt_mask)
     else:
         with packed_weights(model, prompt_mask.shape[0]):
@@ -78,8 +87,14 @@ def transformers_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         nonlocal mask
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, use_cache=True,
-                     **cache_argument(model, cache)).logits[:, -1]
+        return model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **cache_argument(model, cache),
+        ).logits[:, -1]
+
     return step
 
 
@@ -93,10 +108,14 @@ class DecoderLayerProducts(NamedTuple):
     down: Callable[[torch.Tensor], torch.Tensor]
 
     @classmethod
-    def of(cls, layer, rows: int) -> "DecoderLayerProducts":
+    def of(cls, layer, rows: int) -> DecoderLayerProducts:
         attention, mlp = layer.self_attn, layer.mlp
-        return cls(fused_projection([attention.q_proj, attention.k_proj, attention.v_proj], rows), fused_projection([attention.o_proj], rows),
-                   fused_projection([mlp.gate_proj, mlp.up_proj], rows), fused_projection([mlp.down_proj], rows))
+        return cls(
+            fused_projection([attention.q_proj, attention.k_proj, attention.v_proj], rows),
+            fused_projection([attention.o_proj], rows),
+            fused_projection([mlp.gate_proj, mlp.up_proj], rows),
+            fused_projection([mlp.down_proj], rows),
+        )
 
 
 def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
@@ -114,7 +133,7 @@ def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
     # additive attention mask over every cache position: the prompts' left padding is never
     # attended, each response position from the step that writes it
     bias = torch.full((rows, capacity), float("-inf"), dtype=dtype, device=device)
-    bias[:, :prompt_mask.shape[1]].masked_fill_(prompt_mask == 1, 0.0)
+    bias[:, : prompt_mask.shape[1]].masked_fill_(prompt_mask == 1, 0.0)
     bias = bias.repeat_interleave(kv_heads, 0)[:, None]  # (rows * kv heads, 1, capacity)
     rotary = rotary_lookup(base.rotary_emb, head_dim, capacity, dtype, device)
     products = [DecoderLayerProducts.of(layer, rows) for layer in base.layers]
@@ -125,38 +144,54 @@ def llama_step(model, cache, prompt_mask: torch.Tensor) -> DecodingStep:
         cos, signed_sin = rotary(positions)
         bias[..., layers[0].length] = 0.0
         for layer, layer_products, kv in zip(base.layers, products, layers):
-            hidden = hidden + attend(layer.self_attn, layer_products, layer.input_layernorm(hidden), kv, cos, signed_sin, bias)
+            hidden = hidden + attend(
+                layer.self_attn, layer_products, layer.input_layernorm(hidden), kv, cos, signed_sin, bias
+            )
             gate, up = layer_products.gate_up(layer.post_attention_layernorm(hidden)).chunk(2, -1)
             hidden = hidden + layer_products.down(layer.mlp.act_fn(gate) * up)
         return head(base.norm(hidden))
+
     return step
 
 
-def rotary_lookup(rotary_emb, head_dim: int, capacity: int, dtype: torch.dtype, device) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def rotary_lookup(
+    rotary_emb, head_dim: int, capacity: int, dtype: torch.dtype, device
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """positions (R, 1) -> (cos, sin * sign), each (R, 1, head_dim): rotate_half(x) * sin is then
     roll(x, half) * sin * sign, the rotary embedding without a concatenation. Fixed frequencies are
     tabulated once for every cache position; "dynamic" and "longrope" ones change with the longest
     position seen, so they are computed at each step, as the model's forward does."""
     sign = torch.ones(head_dim, dtype=dtype, device=device)
-    sign[:head_dim // 2] = -1
+    sign[: head_dim // 2] = -1
     like = torch.zeros(1, dtype=dtype, device=device)  # the embedding takes only its dtype and device from this
     if "dynamic" in rotary_emb.rope_type or rotary_emb.rope_type == "longrope":
+
         def per_step(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             cos, sin = rotary_emb(like, positions)
             return cos, sin * sign
+
         return per_step
     cos, sin = rotary_emb(like, torch.arange(capacity + 1, device=device)[None])
     cos, signed_sin = cos[0], sin[0] * sign
     return lambda positions: (cos[positions], signed_sin[positions])
 
 
-def attend(attention, products: DecoderLayerProducts, hidden: torch.Tensor, kv: ReservedLayer, cos: torch.Tensor, signed_sin: torch.Tensor,
-           bias: torch.Tensor) -> torch.Tensor:
+def attend(
+    attention,
+    products: DecoderLayerProducts,
+    hidden: torch.Tensor,
+    kv: ReservedLayer,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
     """Self-attention of one new token per row (hidden: (R, d)); appends its keys and values to ``kv``."""
     rows, kv_heads, capacity, head_dim = kv.key_buffer.shape
     qkv = products.qkv(hidden).view(rows, -1, head_dim)  # query heads, then key heads, then value heads
     query_heads = qkv.shape[1] - 2 * kv_heads
-    rotated = torch.addcmul(qkv[:, :-kv_heads] * cos, qkv[:, :-kv_heads].roll(head_dim // 2, -1), signed_sin)  # queries and keys at once
+    rotated = torch.addcmul(
+        qkv[:, :-kv_heads] * cos, qkv[:, :-kv_heads].roll(head_dim // 2, -1), signed_sin
+    )  # queries and keys at once
     kv.update(rotated[:, query_heads:, None], qkv[:, -kv_heads:, None])
     keys, values = (buffer.view(rows * kv_heads, capacity, head_dim) for buffer in (kv.key_buffer, kv.value_buffer))
     # the query heads that share a key head (grouped-query attention) form one batch entry

@@ -1,9 +1,10 @@
 """Batched sampling of responses: one prefill per prompt, then token-by-token decoding on a shared KV cache."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -46,14 +47,14 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
-    def to(self, device) -> "Rollout":
+    def to(self, device) -> Rollout:
         return Rollout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
-    def select(self, index: torch.Tensor) -> "Rollout":
+    def select(self, index: torch.Tensor) -> Rollout:
         return Rollout(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
     @staticmethod
-    def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
+    def concat(parts: list[Rollout], pad_token_id: int) -> Rollout:
         """Rows of several rollouts; prompts re-padded on the left, responses on the right."""
         prompt_width = max(p.prompt_ids.shape[1] for p in parts)
         response_width = max(p.response_ids.shape[1] for p in parts)
@@ -68,11 +69,16 @@ class Rollout:
         )
 
 
-def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def response_mask_from_eos(
+    response_ids: torch.Tensor, eos_token_id: int, lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask up to and including the first EOS, whether no EOS occurred), looking only at
     each row's first ``lengths`` tokens when given."""
-    within = torch.ones_like(response_ids, dtype=torch.bool) if lengths is None else \
-        torch.arange(response_ids.shape[1], device=response_ids.device) < lengths[:, None]
+    within = (
+        torch.ones_like(response_ids, dtype=torch.bool)
+        if lengths is None
+        else torch.arange(response_ids.shape[1], device=response_ids.device) < lengths[:, None]
+    )
     is_eos = (response_ids == eos_token_id) & within
     eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
     return (~eos_seen_before & within).long(), ~is_eos.any(-1)
@@ -86,24 +92,45 @@ def left_pad(sequences, pad_token_id: int, device=None) -> tuple[torch.Tensor, t
     mask = torch.zeros((len(sequences), width), dtype=torch.long, device=device)
     for row, seq in enumerate(sequences):
         if len(seq):
-            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long, device=device)
-            mask[row, width - len(seq):] = 1
+            ids[row, width - len(seq) :] = torch.as_tensor(seq, dtype=torch.long, device=device)
+            mask[row, width - len(seq) :] = 1
     return ids, mask
 
 
 def generate(model, tokenizer, prompts: list[str], **kwargs) -> Rollout:
     """:func:`sample` for prompt strings (tokenized without special tokens, left-padded)."""
     device = next(model.parameters()).device
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
-    return sample(model, encoded["input_ids"], encoded["attention_mask"], eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, **kwargs)
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(
+        device
+    )
+    return sample(
+        model,
+        encoded["input_ids"],
+        encoded["attention_mask"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
 
 
 @torch.no_grad()
-def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_token_id: int, pad_token_id: int, num_samples: int,
-           max_new_tokens: int | torch.Tensor, min_new_tokens: int | torch.Tensor = 0, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-           share_prompt: bool = True, hand_written_step: bool = True) -> Rollout:
+def sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    num_samples: int,
+    max_new_tokens: int | torch.Tensor,
+    min_new_tokens: int | torch.Tensor = 0,
+    greedy: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    logits_processor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    share_prompt: bool = True,
+    hand_written_step: bool = True,
+) -> Rollout:
     """``num_samples`` responses to each left-padded prompt, samples of one prompt adjacent.
 
     Each prompt is prefilled once and its KV cache repeated for its samples
@@ -121,18 +148,28 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     was_training = model.training
     model.eval()
     sharded = is_sharded(model)
-    per_row = lambda value: torch.as_tensor(value, device=prompt_ids.device).expand(len(prompt_ids)).repeat_interleave(num_samples)  # noqa: E731
+    per_row = lambda value: (
+        torch.as_tensor(value, device=prompt_ids.device).expand(len(prompt_ids)).repeat_interleave(num_samples)
+    )  # noqa: E731
     cap, floor = per_row(max_new_tokens), per_row(min_new_tokens)
     if not share_prompt:
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        prompt_ids, prompt_mask = (
+            prompt_ids.repeat_interleave(num_samples, 0),
+            prompt_mask.repeat_interleave(num_samples, 0),
+        )
     positions = position_ids_from_mask(prompt_mask)
-    output = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    output = model(
+        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
     cache, logits = output_cache(output), output.logits[:, -1]
     repeat = share_prompt and num_samples > 1
     reserve_cache(cache, num_samples if repeat else 1, prompt_ids.shape[1] + int(cap.max()))
     if repeat:
         logits = logits.repeat_interleave(num_samples, 0)
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(num_samples, 0), prompt_mask.repeat_interleave(num_samples, 0)
+        prompt_ids, prompt_mask = (
+            prompt_ids.repeat_interleave(num_samples, 0),
+            prompt_mask.repeat_interleave(num_samples, 0),
+        )
         positions = positions.repeat_interleave(num_samples, 0)
     rows = prompt_ids.shape[0]
     next_position = positions[:, -1:] + 1
@@ -159,8 +196,13 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, eos_to
     model.train(was_training)
     response_ids = torch.stack(tokens, dim=1)
     response_mask, truncated = response_mask_from_eos(response_ids, eos_token_id, cap)
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
-                   response_mask=response_mask, truncated=truncated)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
+        response_mask=response_mask,
+        truncated=truncated,
+    )
 
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
@@ -188,4 +230,7 @@ def sampling_probs(scores: torch.Tensor, temperature: float, top_p: float) -> to
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
-    return tokenizer.batch_decode(rollout.response_ids * rollout.response_mask + tokenizer.pad_token_id * (1 - rollout.response_mask), skip_special_tokens=True)
+    return tokenizer.batch_decode(
+        rollout.response_ids * rollout.response_mask + tokenizer.pad_token_id * (1 - rollout.response_mask),
+        skip_special_tokens=True,
+    )

@@ -1,4 +1,5 @@
 """Per-token log-probabilities (and entropies) of responses under a model."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
-                    share_prompt: bool = True) -> torch.Tensor:
+def response_logits(
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int, share_prompt: bool = True
+) -> torch.Tensor:
     """(B, T, V) logits predicting the last ``num_response_tokens`` tokens of each row.
 
     Rows that repeat a prompt (the samples of a group) share one forward pass over
@@ -32,28 +34,54 @@ def response_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor
         distinct, row_prompt = torch.unique(prompts, dim=0, return_inverse=True)
         whole_rows = len(distinct) == len(sequences) and not sharded  # nothing to share
     if whole_rows:
-        return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
-                     logits_to_keep=num_response_tokens + 1, use_cache=False).logits[:, :-1]
+        return model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=num_response_tokens + 1,
+            use_cache=False,
+        ).logits[:, :-1]
     prompt_ids, prompt_mask = distinct[:, :prompt_width], distinct[:, prompt_width:]
-    prefix = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                   use_cache=True, logits_to_keep=1)
+    prefix = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_from_mask(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     cache = output_cache(prefix)
     cache.batch_select_indices(row_prompt)
-    rest = model(input_ids=sequences[:, prompt_width:-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, prompt_width:-1],
-                 use_cache=True, **cache_argument(model, cache)).logits
+    rest = model(
+        input_ids=sequences[:, prompt_width:-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, prompt_width:-1],
+        use_cache=True,
+        **cache_argument(model, cache),
+    ).logits
     return torch.cat([prefix.logits[row_prompt], rest], dim=1)
 
 
 def checkpointing(model) -> bool:
     """Whether activation checkpointing is on (it drops a forward's KV cache in training)."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    flag = "is_activation_checkpointing" if hasattr(type(inner), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(inner), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(inner, flag, False))
 
 
-def token_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, num_response_tokens: int,
-                    temperature: float = 1.0, with_entropy: bool = False,
-                    entropy_grad: bool = False, share_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_log_probs(
+    model,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_response_tokens: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    share_prompt: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) for the last ``num_response_tokens`` tokens, from
     logits divided by ``temperature`` (the sampling distribution); (B, T) each.
     The entropy is detached unless ``entropy_grad`` (an entropy bonus needs it)."""

@@ -3,6 +3,7 @@
 ``37+45-12`` is solved as ``37+45=82\\n82-12=70\\n#### 70``, the GSM8K answer
 format in miniature, so the same rewards and evaluation apply.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,9 @@ class ArithTask(Task):
             if row["question"] not in test:
                 train.append(row)
         if not train:
-            raise ConfigError("task.options: every possible problem is in the test split; raise max_digits or lower test_size")
+            raise ConfigError(
+                "task.options: every possible problem is in the test split; raise max_digits or lower test_size"
+            )
         return {"test": list(test.values()), "train": train}
 
     def load_split(self, split: str) -> datasets.Dataset:

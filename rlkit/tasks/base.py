@@ -1,4 +1,5 @@
 """The task registry and prompt formatting."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,7 @@ import datasets
 from rlkit.config import ConfigError
 from rlkit.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("task")
+TASKS: Registry[type[Task]] = Registry("task")
 
 
 class Task:
@@ -64,7 +65,9 @@ def format_prompt(row: dict[str, Any], task_cfg, tokenizer) -> str:
     try:
         user_message = task_cfg.prompt_template.format(**row)
     except KeyError as error:
-        raise ConfigError(f"task.prompt_template refers to {error}, which rows of task '{task_cfg.name}' lack; columns: {', '.join(row)}") from None
+        raise ConfigError(
+            f"task.prompt_template refers to {error}, which rows of task '{task_cfg.name}' lack; columns: {', '.join(row)}"
+        ) from None
     if not (task_cfg.use_chat_template and getattr(tokenizer, "chat_template", None)):
         return user_message
     messages = [{"role": "user", "content": user_message}]

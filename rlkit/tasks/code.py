@@ -8,6 +8,7 @@ program) and ``entry_point``. HumanEval rows (``prompt``, ``canonical_solution``
 ``prompt`` and ``tests`` (and optionally ``solution``, ``entry_point``). HumanEval has a
 single split: ``test_size`` rows drawn with the data ``seed`` are held out.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,16 +25,24 @@ class CodeTask(Task):
     @dataclasses.dataclass
     class Options(SourceOptions):
         test_size: int = 40  # rows held out for evaluation when the source has one split (HumanEval: 164 problems)
-        hub_split: str | None = "test"  # the hub dataset's only split, carved into train/test (null: use its own splits)
+        hub_split: str | None = (
+            "test"  # the hub dataset's only split, carved into train/test (null: use its own splits)
+        )
 
     def load_split(self, split: str) -> datasets.Dataset:
         if not self.cfg.path:
-            raise ConfigError(f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a directory or a hub id")
+            raise ConfigError(
+                f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a directory or a hub id"
+            )
         o = self.options
         rows = load_split(self.cfg.path, split, o)
-        if not ({"prompt", "test", "entry_point"} <= set(rows.column_names) or {"prompt", "tests"} <= set(rows.column_names)):
-            raise ConfigError(f"task.path='{self.cfg.path}': rows need prompt, test and entry_point (HumanEval) or prompt and tests; "
-                              f"columns: {', '.join(rows.column_names)}")
+        if not (
+            {"prompt", "test", "entry_point"} <= set(rows.column_names) or {"prompt", "tests"} <= set(rows.column_names)
+        ):
+            raise ConfigError(
+                f"task.path='{self.cfg.path}': rows need prompt, test and entry_point (HumanEval) or prompt and tests; "
+                f"columns: {', '.join(rows.column_names)}"
+            )
         return rows.map(code_row, remove_columns=rows.column_names, desc=f"{self.cfg.name} {split}")
 
 
@@ -44,5 +53,10 @@ def code_row(row: dict) -> dict:
     """A HumanEval or generic code row in the task's columns."""
     entry_point = row.get("entry_point") or ""
     tests = row["tests"] if row.get("tests") else f"{row['test']}\n\ncheck({entry_point})\n"
-    return {"question": row["prompt"], "solution": row.get("canonical_solution") or row.get("solution") or "", "tests": tests,
-            "entry_point": entry_point, "answer": entry_point}
+    return {
+        "question": row["prompt"],
+        "solution": row.get("canonical_solution") or row.get("solution") or "",
+        "tests": tests,
+        "entry_point": entry_point,
+        "answer": entry_point,
+    }

@@ -6,6 +6,7 @@ checked for mathematical equivalence by math-verify (reward ``math_verify``).
 ``problem`` and ``solution``, and optionally ``answer``; without it the answer is the
 solution's last ``\\boxed{}``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +31,9 @@ class MathTask(Task):
         rows = load_split(path, split, o)
         missing = {"problem", "solution"} - set(rows.column_names)
         if missing:
-            raise ConfigError(f"task.path='{path}': rows lack {sorted(missing)}; MATH rows have problem, solution and optionally answer")
+            raise ConfigError(
+                f"task.path='{path}': rows lack {sorted(missing)}; MATH rows have problem, solution and optionally answer"
+            )
         rows = rows.map(math_row, desc=f"math {split}")
         return rows.filter(lambda row: bool(row["answer"]), desc="rows with an answer")
 

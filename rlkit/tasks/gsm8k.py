@@ -4,6 +4,7 @@
 directory holding ``train.jsonl`` and ``test.jsonl`` in the official format
 (``question``, and ``answer`` = worked solution ending in ``#### <number>``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ class GSM8KTask(Task):
         if os.path.isdir(path):
             file = os.path.join(path, f"{split}.jsonl")
             if not os.path.isfile(file):
-                raise ConfigError(f"task.path='{path}': no {split}.jsonl there (GSM8K wants train.jsonl and test.jsonl)")
+                raise ConfigError(
+                    f"task.path='{path}': no {split}.jsonl there (GSM8K wants train.jsonl and test.jsonl)"
+                )
             raw = read_json(file)
         elif os.path.exists(path) or path.startswith((".", "/")):
             raise ConfigError(f"task.path='{path}' must be a directory with train.jsonl and test.jsonl, or a hub id")
@@ -36,7 +39,9 @@ class GSM8KTask(Task):
             raw = datasets.load_dataset(path, self.options.hub_config, split=split)
         missing = {"question", "answer"} - set(raw.column_names)
         if missing:
-            raise ConfigError(f"task.path='{path}': {split} rows lack {sorted(missing)}; GSM8K rows have 'question' and 'answer'")
+            raise ConfigError(
+                f"task.path='{path}': {split} rows lack {sorted(missing)}; GSM8K rows have 'question' and 'answer'"
+            )
         return raw.map(_split_solution, desc=f"gsm8k {split}")
 
     def answer_key(self, completion: str):

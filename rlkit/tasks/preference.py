@@ -11,6 +11,7 @@ a run. Evaluation is on held-out pairs (:mod:`rlkit.evaluate_pairs`).
 ``train`` and ``test`` files. ``task.options.test_fraction`` carves a seeded held-out
 split from the training rows (needed when there is only one file).
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import random
-from typing import Optional
 
 import datasets
 
@@ -40,13 +40,13 @@ class Malformed(ValueError):
 class PreferenceTask(Task):
     """JSONL rows ``{"prompt", "chosen", "rejected"}``."""
 
-    default_path: Optional[str] = None
+    default_path: str | None = None
 
     @dataclasses.dataclass
     class Options:
         test_fraction: float = 0.0  # > 0: hold out this fraction of the training rows as the test split
         split_seed: int = 0  # the data seed of that split (independent of the training seed)
-        hub_data_dir: Optional[str] = None  # hub datasets only: a subset directory, e.g. harmless-base
+        hub_data_dir: str | None = None  # hub datasets only: a subset directory, e.g. harmless-base
         max_prompt_chars: int = 0  # > 0: keep only the prompt's last N characters (long dialogues on small models)
         max_response_chars: int = 0  # > 0: keep only each response's first N characters
 
@@ -91,7 +91,9 @@ class PreferenceTask(Task):
             cut = int(round(len(rows) * self.options.test_fraction))
             splits = {"test": rows[:cut], "train": rows[cut:]}
         elif "test" not in splits:
-            raise ConfigError(f"task.path='{self.cfg.path}' has no test split: set task.options.test_fraction (e.g. 0.1)")
+            raise ConfigError(
+                f"task.path='{self.cfg.path}' has no test split: set task.options.test_fraction (e.g. 0.1)"
+            )
         for name, rows in splits.items():
             if not rows:
                 raise ConfigError(f"task.path='{self.cfg.path}': the {name} split has no usable rows")
@@ -100,7 +102,9 @@ class PreferenceTask(Task):
     def _sources(self) -> dict[str, datasets.Dataset]:
         path = self.cfg.path or self.default_path
         if path is None:
-            raise ConfigError(f"task.path is required for task '{self.cfg.name}': a .jsonl(.gz) file, a directory or a hub id")
+            raise ConfigError(
+                f"task.path is required for task '{self.cfg.name}': a .jsonl(.gz) file, a directory or a hub id"
+            )
         if os.path.isfile(path):
             return {"train": _read_jsonl([path])}
         if os.path.isdir(path):
@@ -125,16 +129,22 @@ class PreferenceTask(Task):
                 counts[str(reason)] += 1
         self.malformed[split] = counts
         if counts:
-            log.warning("task %s, %s split: skipped %d malformed rows of %d (%s)", self.cfg.name, split, sum(counts.values()),
-                        sum(counts.values()) + len(rows), ", ".join(f"{r}: {n}" for r, n in counts.most_common()))
+            log.warning(
+                "task %s, %s split: skipped %d malformed rows of %d (%s)",
+                self.cfg.name,
+                split,
+                sum(counts.values()),
+                sum(counts.values()) + len(rows),
+                ", ".join(f"{r}: {n}" for r, n in counts.most_common()),
+            )
         return rows
 
     def _row(self, prompt: str, responses: list[str], scores: list[float]) -> dict:
         o = self.options
         if o.max_prompt_chars:
-            prompt = prompt[-o.max_prompt_chars:]
+            prompt = prompt[-o.max_prompt_chars :]
         if o.max_response_chars:
-            responses = [r[:o.max_response_chars] for r in responses]
+            responses = [r[: o.max_response_chars] for r in responses]
         if len(responses) < 2:
             raise Malformed("fewer than 2 responses")
         if any(not r.strip() for r in responses):
@@ -144,8 +154,15 @@ class PreferenceTask(Task):
             raise Malformed("all scores equal")
         if ranked[0][1] == ranked[-1][1]:
             raise Malformed("chosen == rejected")
-        return {"question": prompt, "responses": [r for _, r in ranked], "scores": [float(s) for s, _ in ranked],
-                "chosen": ranked[0][1], "rejected": ranked[-1][1], "solution": ranked[0][1], "answer": ""}
+        return {
+            "question": prompt,
+            "responses": [r for _, r in ranked],
+            "scores": [float(s) for s, _ in ranked],
+            "chosen": ranked[0][1],
+            "rejected": ranked[-1][1],
+            "solution": ranked[0][1],
+            "answer": "",
+        }
 
 
 @TASKS.register("preference")

@@ -6,6 +6,7 @@ of the continuation (``vader_sentiment``, or ``classifier_sentiment`` with a mod
 review each, searched recursively: IMDB's ``aclImdb`` layout), a JSONL file or
 directory with a ``text`` field, or a hub id (``stanfordnlp/imdb``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,14 @@ class SentimentTask(Task):
         path = self.cfg.path or "stanfordnlp/imdb"
         source = pathlib.Path(path)
         if source.is_file() and source.suffix == ".txt":
-            rows = held_out(datasets.Dataset.from_dict({"text": [line for line in source.read_text().splitlines() if line.strip()]}), split, o.test_size, o.seed)
+            rows = held_out(
+                datasets.Dataset.from_dict(
+                    {"text": [line for line in source.read_text().splitlines() if line.strip()]}
+                ),
+                split,
+                o.test_size,
+                o.seed,
+            )
         elif source.is_dir() and any(source.rglob("*.txt")):
             texts = [file.read_text() for file in sorted(source.rglob("*.txt"))]
             rows = held_out(datasets.Dataset.from_dict({"text": texts}), split, o.test_size, o.seed)
@@ -39,10 +47,18 @@ class SentimentTask(Task):
             rows = load_split(path, split, o)
         if "text" not in rows.column_names:
             raise ConfigError(f"task.path='{path}': rows need a 'text' field (the review)")
-        rows = rows.map(lambda row: review_row(row["text"], o.prompt_words, o.continuation_words), remove_columns=rows.column_names, desc=f"sentiment {split}")
+        rows = rows.map(
+            lambda row: review_row(row["text"], o.prompt_words, o.continuation_words),
+            remove_columns=rows.column_names,
+            desc=f"sentiment {split}",
+        )
         return rows.filter(lambda row: bool(row["solution"]), desc="reviews longer than the prompt")
 
 
 def review_row(text: str, prompt_words: int, continuation_words: int) -> dict:
     words = re.sub(r"<br\s*/?>", " ", text).split()  # IMDB reviews carry HTML line breaks
-    return {"question": " ".join(words[:prompt_words]), "solution": " ".join(words[prompt_words:prompt_words + continuation_words]), "answer": ""}
+    return {
+        "question": " ".join(words[:prompt_words]),
+        "solution": " ".join(words[prompt_words : prompt_words + continuation_words]),
+        "answer": "",
+    }

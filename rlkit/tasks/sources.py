@@ -1,5 +1,6 @@
 """Where task rows come from: local JSONL files (plain or gzipped), a directory of
 per-split files, or a hub dataset; and a seeded held-out split for single-split sources."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,7 +65,8 @@ def held_out(rows: datasets.Dataset, split: str, test_size: int, seed: int) -> d
     """A seeded split of one source: ``test_size`` rows are 'test', the rest 'train'
     (the same rows for every training seed, so evaluations compare across runs)."""
     if not 0 < test_size < len(rows):
-        raise ConfigError(f"task.options.test_size={test_size} must be between 1 and {len(rows) - 1} (the source has {len(rows)} rows)")
+        raise ConfigError(
+            f"task.options.test_size={test_size} must be between 1 and {len(rows) - 1} (the source has {len(rows)} rows)"
+        )
     parts = rows.train_test_split(test_size=test_size, seed=seed, shuffle=True)
     return parts["test" if split == "test" else "train"]
-

@@ -6,6 +6,7 @@ its database), ``schema`` (the ``CREATE TABLE`` statements the prompt shows),
 schema) or a hub id; null generates seeded synthetic problems over small random tables,
 small enough for the tiny model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,12 +63,16 @@ class SQLTask(Task):
         o = self.options
         if self.cfg.path is None:
             rng = random.Random(f"{o.seed}-{split}")
-            rows = [synthetic_problem(rng, o.num_people) for _ in range(o.test_size if split == "test" else o.train_size)]
+            rows = [
+                synthetic_problem(rng, o.num_people) for _ in range(o.test_size if split == "test" else o.train_size)
+            ]
             return datasets.Dataset.from_list([sql_row(r) for r in rows])
         rows = load_split(self.cfg.path, split, o)
         missing = {"question", "db", "query"} - set(rows.column_names)
         if missing:
-            raise ConfigError(f"task.path='{self.cfg.path}': rows lack {sorted(missing)}; SQL rows have question, db (a SQL script) and query")
+            raise ConfigError(
+                f"task.path='{self.cfg.path}': rows lack {sorted(missing)}; SQL rows have question, db (a SQL script) and query"
+            )
         return rows.map(sql_row, desc=f"sql {split}")
 
 
