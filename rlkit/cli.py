@@ -42,9 +42,9 @@ def _train_job(cfg) -> float:
     from omegaconf.errors import OmegaConfBaseException
 
     from rlkit.config import ConfigError
+    from rlkit.eval.report import Report
     from rlkit.launch import finished, launch, needs_launch
     from rlkit.preemption import EXIT_PREEMPTED, Preempted, requeue_and_exit_code
-    from rlkit.report import Report
     from rlkit.trainer import train
     from rlkit.validate import validate
 
@@ -82,7 +82,7 @@ def train_main() -> None:
 
 def eval_main(args: list[str]) -> None:
     from rlkit.config import ConfigError
-    from rlkit.evaluate_checkpoint import evaluate_checkpoint
+    from rlkit.eval.checkpoint import evaluate_checkpoint
 
     try:
         evaluate_checkpoint(args)
@@ -91,7 +91,7 @@ def eval_main(args: list[str]) -> None:
 
 
 def compare_main(args: list[str]) -> None:
-    from rlkit.compare import compare
+    from rlkit.eval.compare import compare
 
     if len(args) != 1 or not os.path.isdir(args[0]):
         fail("usage: rlkit compare DIR (a directory holding run directories, e.g. a multirun)")

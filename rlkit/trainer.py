@@ -13,14 +13,14 @@ from tqdm.auto import tqdm
 from rlkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
 from rlkit.engine import barrier, init_distributed, is_main_process
 from rlkit.engine.cpu_heap import keep_freed_memory
-from rlkit.evaluate import evaluate
+from rlkit.eval import evaluate
+from rlkit.eval.report import Report, truncate_metrics
 from rlkit.logger import PhaseTimer, RunLogger
 from rlkit.loops import LOOPS
 from rlkit.loops.sft import SFTLoop
 from rlkit.metrics import peak_memory
 from rlkit.models.onednn_linear import onednn_dtypes
 from rlkit.preemption import Preempted, PreemptionWatch
-from rlkit.report import Report, truncate_metrics
 from rlkit.run import (
     base_model_dir,
     build_run,
@@ -152,12 +152,7 @@ def run_loop(
 
 def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, label: str) -> None:
     started = time.perf_counter()
-    task_evaluate = getattr(run.task, "evaluate", None)  # e.g. preference tasks: held-out pair accuracy
-    result = (
-        task_evaluate(run, loop)
-        if task_evaluate
-        else evaluate(run, loop.engine.module, run.cfg.algo.sampling.max_new_tokens)
-    )
+    result = evaluate(run, loop)
     numbers = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     numbers["time/eval"] = time.perf_counter() - started
     logger.log(numbers, step)

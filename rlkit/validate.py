@@ -183,7 +183,7 @@ def validate(cfg, world_size: int = 1) -> None:
         raise ConfigError(
             f"algo.reference=precomputed needs fixed responses (algo.loop=preference), not algo.loop={algo.loop}"
         )
-    if algo.loop in ("preference", "reward_model") and not hasattr(TASKS.get(cfg.task.name), "evaluate"):
+    if algo.loop in ("preference", "reward_model") and TASKS.get(cfg.task.name).evaluation != "pairs":
         raise ConfigError(
             f"algo.loop={algo.loop} needs a preference task (task=hh, preference or ranking), not task={cfg.task.name}"
         )

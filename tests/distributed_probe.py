@@ -62,7 +62,7 @@ def full_parameters(engine) -> torch.Tensor:
 def probe_stage(stage: int, run_dir: str) -> dict:
     from rlkit.checkpoint import full_state_dict
     from rlkit.engine import all_gather_objects, rank, world_size
-    from rlkit.evaluate import evaluate
+    from rlkit.eval.generation import evaluate_model
     from rlkit.logger import PhaseTimer
     from rlkit.loops.policy_gradient import PolicyGradientLoop
     from rlkit.rollout import generate
@@ -89,7 +89,7 @@ def probe_stage(stage: int, run_dir: str) -> dict:
     # ZeRO-3: ranks that stop generating at different lengths, and uneven evaluation shards
     # (5 rows over 2 ranks, 2 per batch: 2 batches and 1), must not deadlock
     generate(loop.engine.module, run.tokenizer, ["1+1="], num_samples=1, max_new_tokens=2 + 4 * rank(), greedy=True)
-    accuracy = evaluate(run, loop.engine.module, 4)["accuracy"]
+    accuracy = evaluate_model(run, loop.engine.module, 4)["accuracy"]
     params = full_parameters(loop.engine)
     replicas = all_gather_objects(params)
     saved = full_state_dict(loop.engine)  # what checkpoints write (ZeRO-3: gathered on rank 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rlkit.compare import compare
+from rlkit.eval.compare import compare
 from rlkit.metrics import peak_memory
 
 

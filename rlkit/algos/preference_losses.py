@@ -172,3 +172,9 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 
 
 REFERENCE_FREE = ("rrhf", "pro", "sft")  # losses that never read ref_log_probs (algo.reference may be none)
+
+
+def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen response ranks above the rejected one, 0 below, 1/2 for a tie
+    (a policy equal to its reference ties every pair)."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()

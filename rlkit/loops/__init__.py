@@ -2,7 +2,7 @@
 metrics; :mod:`rlkit.trainer` drives it and handles logging, evaluation and
 checkpoints."""
 
-from rlkit.loops import (  # noqa: F401  (register the loops)  # noqa: F401  (register preference, online_preference, reward_model)
+from rlkit.loops import (  # noqa: F401  (register the loops)
     nlpo,  # noqa: F401,E402  (registers nlpo: PPO in the mask policy's top-p action space)
     policy_gradient,
     preference,

@@ -11,49 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from rlkit.algos.preference_losses import PREFERENCE_LOSSES, REFERENCE_FREE, ResponseSet
+from rlkit.algos.preference_losses import PREFERENCE_LOSSES, REFERENCE_FREE, ResponseSet, pair_accuracy
 from rlkit.algos.selection import RESPONSE_SELECTIONS
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
 from rlkit.loops.registry import LOOPS, Loop
-from rlkit.loops.sft import supervised_batch, token_nll
 from rlkit.metrics import mean_std
+from rlkit.models.sequences import encode_response_sets, pad_rows, score_response_sets, sequence_log_probs
 from rlkit.rollout import generate
 from rlkit.rollout.generate import decode_responses
 from rlkit.run import load_frozen, make_engine
-
-
-def encode_response_sets(tokenizer, prompts: list[str], response_sets: list[list[str]], device):
-    """Each prompt followed by each of its responses (+ EOS), one right-padded row per
-    (prompt, response slot): B * n rows for n = the largest set (at least 1); and the (B, n)
-    mask of slots that hold a response (empty slots are padded with an empty response)."""
-    n = max(1, *(len(responses) for responses in response_sets))
-    batch = supervised_batch(
-        tokenizer,
-        [p for p in prompts for _ in range(n)],
-        [rs[j] if j < len(rs) else "" for rs in response_sets for j in range(n)],
-        device,
-    )
-    mask = torch.tensor([[float(j < len(rs)) for j in range(n)] for rs in response_sets], device=device)
-    return batch, mask
-
-
-def sequence_log_probs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the response tokens' log-probs, number of response tokens), one per row."""
-    return -token_nll(model, batch).sum(-1), batch["loss_mask"][:, 1:].sum(-1)
-
-
-@torch.no_grad()
-def score_response_sets(model, batch: dict[str, torch.Tensor], n: int, micro_batch: int) -> torch.Tensor:
-    """(B, n) summed log-probs under ``model``, micro-batched."""
-    parts = [
-        sequence_log_probs(model, {k: v[i : i + micro_batch] for k, v in batch.items()})[0]
-        for i in range(0, batch["input_ids"].shape[0], micro_batch)
-    ]
-    return torch.cat(parts).view(-1, n)
-
-
-def pad_rows(values: list[list[float]], n: int, device) -> torch.Tensor:
-    return torch.tensor([list(v) + [0.0] * (n - len(v)) for v in values], dtype=torch.float32, device=device)
 
 
 @LOOPS.register("preference")
@@ -227,9 +193,3 @@ def pair_statistics(responses: ResponseSet, beta: float) -> dict[str, float]:
             "chosen_logp": per(responses.log_probs.gather(1, chosen[:, None])[:, 0]),
             "rejected_logp": per(responses.log_probs.gather(1, rejected[:, None])[:, 0]),
         }
-
-
-def pair_accuracy(margin: torch.Tensor) -> torch.Tensor:
-    """1 where the chosen response ranks above the rejected one, 0 below, 1/2 for a tie
-    (a policy equal to its reference ties every pair)."""
-    return (margin > 0).float() + 0.5 * (margin == 0).float()

@@ -3,44 +3,10 @@ the warm start that gives a random model a first non-zero reward)."""
 
 from __future__ import annotations
 
-import torch
-
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
 from rlkit.loops.registry import LOOPS, Loop
-from rlkit.rollout.logprobs import position_ids_from_mask
+from rlkit.models.sequences import supervised_batch, token_nll
 from rlkit.run import make_engine
-
-
-def supervised_batch(tokenizer, prompts: list[str], targets: list[str], device) -> dict[str, torch.Tensor]:
-    """Prompt + target + EOS, right-padded; ``loss_mask`` covers only the target and EOS."""
-    rows = []
-    for prompt, target in zip(prompts, targets):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids)))
-    width = max(len(ids) for ids, _ in rows)
-    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-    return {
-        "input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in rows], device=device),
-        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows], device=device),
-        "loss_mask": torch.tensor([pad(mask, 0) for _, mask in rows], device=device),
-    }
-
-
-def token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Negative log-likelihood of each next token, (B, L-1), zero where not trained on."""
-    logits = (
-        model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=position_ids_from_mask(batch["attention_mask"]),
-            use_cache=False,
-        )
-        .logits[:, :-1]
-        .float()
-    )
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
-    return nll * batch["loss_mask"][:, 1:]
 
 
 @LOOPS.register("sft")

@@ -15,7 +15,11 @@ TASKS: Registry[type[Task]] = Registry("task")
 
 class Task:
     """A dataset adapter. Subclasses set ``Options`` (a dataclass of the knobs
-    accepted under ``task.options``) and implement :meth:`load_split`."""
+    accepted under ``task.options``) and implement :meth:`load_split`.
+    ``evaluation`` names how :mod:`rlkit.eval` evaluates the task: ``generation``
+    (greedy and sampled completions, verified) or ``pairs`` (held-out preference pairs)."""
+
+    evaluation = "generation"
 
     @dataclasses.dataclass
     class Options:

@@ -5,7 +5,7 @@ Every row has ``question`` (the prompt), ``responses`` (best first), ``scores``
 ``solution`` = ``chosen`` (so ``algo=sft`` and the warm start train on the preferred
 side) and an empty ``answer``. Malformed rows (a missing field, an empty response,
 chosen == rejected, ...) are counted by reason, logged and reported; they never crash
-a run. Evaluation is on held-out pairs (:mod:`rlkit.evaluate_pairs`).
+a run. Evaluation is on held-out pairs (:mod:`rlkit.eval.pairs`).
 
 ``task.path``: a hub id, a local ``.jsonl`` / ``.jsonl.gz`` file, or a directory with
 ``train`` and ``test`` files. ``task.options.test_fraction`` carves a seeded held-out
@@ -39,6 +39,8 @@ class Malformed(ValueError):
 
 class PreferenceTask(Task):
     """JSONL rows ``{"prompt", "chosen", "rejected"}``."""
+
+    evaluation = "pairs"
 
     default_path: str | None = None
 
@@ -76,11 +78,6 @@ class PreferenceTask(Task):
             if counts:
                 out[f"malformed_reasons_{split}"] = ", ".join(f"{reason}: {n}" for reason, n in counts.most_common())
         return out
-
-    def evaluate(self, run, loop) -> dict:
-        from rlkit.evaluate_pairs import evaluate_pairs
-
-        return evaluate_pairs(run, loop)
 
     def _load(self) -> dict[str, list[dict]]:
         sources = self._sources()

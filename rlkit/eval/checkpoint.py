@@ -11,8 +11,8 @@ from omegaconf.errors import OmegaConfBaseException
 from rlkit.checkpoint import CONFIG_FILE
 from rlkit.config import ConfigError, RootConfig
 from rlkit.engine import init_distributed, is_main_process
-from rlkit.evaluate import evaluate
-from rlkit.report import Report
+from rlkit.eval.generation import evaluate_model
+from rlkit.eval.report import Report
 from rlkit.run import build_run, load_model, seed_everything
 from rlkit.validate import validate
 
@@ -62,7 +62,7 @@ def evaluate_checkpoint(args: list[str]) -> dict:
     model.eval()
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         step = json.load(f)["step"]
-    result = evaluate(run, model, cfg.algo.sampling.max_new_tokens)
+    result = evaluate_model(run, model, cfg.algo.sampling.max_new_tokens)
     if is_main_process():
         report = Report(
             output_dir,

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from rlkit.algos.preference_losses import pair_accuracy
 from rlkit.engine import all_gather_objects, rank, world_size
-from rlkit.loops.preference import encode_response_sets, pair_accuracy, score_response_sets
 from rlkit.metrics import mean_std
+from rlkit.models.sequences import encode_response_sets, score_response_sets
 from rlkit.rollout import generate, token_log_probs
 from rlkit.run import base_model_dir, load_frozen
 

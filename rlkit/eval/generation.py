@@ -11,7 +11,12 @@ from rlkit.rollout import generate
 from rlkit.rollout.generate import decode_responses
 
 
-def evaluate(run, model, max_new_tokens: int) -> dict:
+def evaluate_generation(run, loop) -> dict:
+    """:func:`evaluate_model` on the loop's policy, at the rollout's response length."""
+    return evaluate_model(run, loop.engine.module, run.cfg.algo.sampling.max_new_tokens)
+
+
+def evaluate_model(run, model, max_new_tokens: int) -> dict:
     """Evaluate ``model`` on the first ``eval.num_examples`` test rows, sharded over processes.
 
     accuracy: greedy decoding, the fraction the task's verifier marks correct (pass@1, greedy).

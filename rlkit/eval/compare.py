@@ -14,7 +14,7 @@ import os
 import re
 import statistics
 
-from rlkit.report import plt, read_metrics
+from rlkit.eval.report import plt, read_metrics
 
 
 def find_runs(sweep_dir: str) -> list[str]:
