@@ -12,7 +12,8 @@ Both systems load one saved random-init Llama and tokenizer per size and score w
 :func:`digit_reward`. Each repeat runs rlkit (its real CLI; ``rlkit_torch_matmul`` is the same run
 with ``hardware.cpu_matmul=torch``: torch's BLAS instead of oneDNN), TRL and a bare ``model.generate``,
 each in its own subprocess (W warm-up + S timed steps), in the order of ``--systems``, repeat after repeat.
-Writes ``bench.json`` (every timed step and the summary) and ``bench.md`` into ``--out``.
+Writes only ``bench.json`` (every timed step and the summary) and ``bench.md`` into ``--out``; the seeded
+models and each repeat's run directory (rlkit's run dir, the workers' logs) go under ``--work``.
 On a machine shared with other jobs pass ``--threads 1``: OpenMP threads that wait on each other
 under contention make steps up to 100x slower and the numbers meaningless.
 """
@@ -394,7 +395,7 @@ def run_subprocess(cmd: list[str], log_path: str, env: dict) -> tuple[int, float
 
 def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> dict:
     """One repeat of one system in its own subprocess; its per-step records and peak RSS."""
-    run_dir = os.path.join(a.out, "runs", size, f"{system}_{repeat}")
+    run_dir = os.path.join(a.work, "runs", size, f"{system}_{repeat}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     result = os.path.join(run_dir, "result.json")
@@ -568,15 +569,36 @@ def summarize(runs: list[dict], arch: dict, peak: float) -> dict:
     return {"systems": out, "ratios": ratios}
 
 
+def rlkit_commit() -> str:
+    """``git describe`` of the checkout this script is in (``-dirty`` with uncommitted changes)."""
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    return git.stdout.strip()
+
+
+def bench_command(report: dict) -> str:
+    """The command line that measured ``report`` (less ``--out`` and ``--work``, which change no number)."""
+    flags = {k: report["config"][k] for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
+    flags["systems"] = ",".join(next(iter(report["sizes"].values()))["summary"]["systems"])  # in the order they ran
+    return "python scripts/bench_trl.py " + " ".join(f"--{k} {v}" for k, v in flags.items() if v is not None)
+
+
 def markdown(report: dict) -> str:
     """The tables of bench.md, one section per model size."""
-    c = report["config"]
+    c, env = report["config"], report["env"]
     lines = [
-        f"# rlkit vs TRL {report['env']['trl']}: GRPO step time",
+        f"# rlkit vs TRL {env['trl']}: GRPO step time",
+        "",
+        f"Measured by `{bench_command(report)}` at rlkit {env['rlkit_git']} (torch {env['torch']}, "
+        f"transformers {env['transformers']}); every timed step is in `bench.json` beside this file.",
         "",
         f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new tokens, {c['dtype']}, "
-        f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {report['env']['threads']} threads on "
-        f"{report['env']['cpu']}. Spread: [min-max], IQR. Phases: medians in s.",
+        f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {env['threads']} threads on "
+        f"{env['cpu']}. Spread: [min-max], IQR. Phases: medians in s.",
         "",
     ]
     for size, r in report["sizes"].items():
@@ -636,7 +658,7 @@ def main() -> None:
     p.add_argument(
         "--work",
         default="/tmp/rlkit_bench_work",
-        help="where the seeded models and prompts are saved (rebuilt identically every run)",
+        help="where the seeded models, prompts (rebuilt identically every run) and each repeat's run directory go",
     )
     p.add_argument("--worker", choices=("trl", "generate"), help=argparse.SUPPRESS)
     for flag in ("--model-dir", "--prompts", "--run-dir", "--result"):
@@ -652,7 +674,8 @@ def main() -> None:
     import transformers
     import trl
 
-    a.out = os.path.abspath(a.out)
+    a.out, a.work = os.path.abspath(a.out), os.path.abspath(a.work)
+    os.makedirs(a.out, exist_ok=True)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -667,12 +690,6 @@ def main() -> None:
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         torch.set_num_threads(a.threads)
-    git = subprocess.run(
-        ["git", "describe", "--always", "--dirty"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(os.path.abspath(__file__)),
-    )
     report = {
         "config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
         | {
@@ -692,7 +709,7 @@ def main() -> None:
             "python": platform.python_version(),
             "cpu": cpu_description(),
             "threads": torch.get_num_threads(),
-            "rlkit_git": git.stdout.strip(),
+            "rlkit_git": rlkit_commit(),
         },
         "sizes": {},
     }

@@ -4,6 +4,9 @@ benchmark's job (8 prompts x 8 samples, 25 prompt + 32 new tokens; see scripts/b
 
     python scripts/profile_step.py --size 25m --out docs/profile-25m.md
 
+The page (``--out``, else stdout) names the command and commit that made it; the seeded model and prompts
+go under ``--work``, outside the docs.
+
 Profiles (1) the rollout, ``rlkit.rollout.generate.sample`` (one prefill per prompt, then decoding on
 the shared KV cache), and (2) the update's forward + backward, ``token_log_probs`` with one prompt pass
 per group, each after a warm-up call, and writes the operators that take the most time per phase,
@@ -34,6 +37,7 @@ from bench_trl import (  # noqa: E402
     matmul_flops_per_s,
     peak_shapes,
     read_jsonl,
+    rlkit_commit,
 )
 
 # the operators that compute the linear layers' products (oneDNN's, or torch's BLAS: with and without bias)
@@ -138,6 +142,9 @@ def main() -> None:
         f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
         f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
         f"{cpu_description()}",
+        "",
+        f"Measured by `python scripts/profile_step.py --size {args.size} --dtype {args.dtype} --cpu-matmul {args.cpu_matmul}` "
+        f"at rlkit {rlkit_commit()}.",
         "",
     ]
     for phase, (seconds, prof) in phases.items():
