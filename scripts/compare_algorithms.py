@@ -8,6 +8,8 @@ from that seed's warm start, trained once; then ``rlkit compare`` writes the tab
 
 Positional overrides after OUT_DIR apply to every run. A configuration is a space-separated set
 of overrides. Rerunning the same command skips finished runs, so an interrupted sweep resumes.
+The run directories stay in OUT_DIR; ``--summary docs/algorithm-comparison`` also copies the summary
+(``compare.json``, ``compare.png``) to ``docs/algorithm-comparison.json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time; the CPU threads are split between them")
+    parser.add_argument("--summary", help="copy compare.json and compare.png to SUMMARY.json and SUMMARY.png")
     args = parser.parse_intermixed_args()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     warm = args.out.with_name(args.out.name + ".warmstart")  # outside OUT: rlkit compare counts every run under OUT
@@ -88,6 +91,10 @@ def main() -> None:
         for line in pool.map(lambda job: run(*job), [(seed, config) for seed in args.seeds for config in args.configs]):
             print(line, flush=True)
     subprocess.run(["rlkit", "compare", str(args.out)], check=True)
+    if args.summary:
+        for ext in ("json", "png"):
+            shutil.copyfile(args.out / f"compare.{ext}", f"{args.summary}.{ext}")
+            print(f"wrote {args.summary}.{ext}")
 
 
 if __name__ == "__main__":
