@@ -72,11 +72,16 @@ def train_main() -> None:
     import hydra
     from omegaconf import OmegaConf
 
-    from rlkit.config import register_schema
+    from rlkit.config import ConfigError, register_schema
+    from rlkit.overrides import check_overrides, config_overrides
 
     register_schema()
     if not OmegaConf.has_resolver("rlkit_run_name"):
         OmegaConf.register_new_resolver("rlkit_run_name", run_name)
+    try:
+        check_overrides(config_overrides(sys.argv[1:]))
+    except ConfigError as error:
+        fail(str(error))
     hydra.main(version_base="1.3", config_path="pkg://rlkit.conf", config_name="config")(_train_job)()
 
 

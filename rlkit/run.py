@@ -34,9 +34,27 @@ class Run:
     tokenizer: Any
     reward: Any
     verifier: Any
+    algo: Any  # the algo node as its loop's typed settings (rlkit.loops.registry.LoopSettings)
+    rollout_settings: Any  # the rollout backend's settings
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The response length cap of every rollout and evaluation (``task.max_new_tokens``)."""
+        return self.cfg.task.max_new_tokens
 
     def prompts(self, rows: list[dict]) -> list[str]:
         return [format_prompt(row, self.cfg.task, self.tokenizer) for row in rows]
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Prompt token ids (no special tokens added: a chat template already has them)."""
+        return [self.tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+
+    def score(self, rows: list[dict], prompts: list[str], completion_ids: list[list[int]]):
+        """The one reward scoring of every loop: (completions, weighted totals, {term: scores}) of
+        responses given as token ids, each with its row's fields (the reward contract's ``**row_fields``)."""
+        completions = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        totals, per_term = self.reward(prompts, completions, completion_ids=completion_ids, **self.columns(rows))
+        return completions, totals, per_term
 
     @staticmethod
     def columns(rows: list[dict]) -> dict[str, list]:
@@ -68,10 +86,10 @@ def build_run(cfg, run_dir: str) -> Run:
     task = build_task(cfg.task)
     train_rows, test_rows = task.split("train"), task.split("test")
     reward = build_reward(cfg.reward)
-    verifier = RewardTermFn(
-        cfg.task.verifier, resolve_reward_fn(cfg.task.verifier), 1.0
-    )  # called with the row fields it names
-    return Run(cfg, run_dir, task, train_rows, test_rows, None, reward, verifier)
+    # the verifier is called with the row fields it names
+    verifier = RewardTermFn(cfg.task.verifier, resolve_reward_fn(cfg.task.verifier), 1.0)
+    algo, rollout = OmegaConf.to_object(cfg.algo), OmegaConf.to_object(cfg.rollout)
+    return Run(cfg, run_dir, task, train_rows, test_rows, None, reward, verifier, algo, rollout)
 
 
 def base_model_dir(run: Run) -> str:
@@ -106,13 +124,6 @@ def load_model(run: Run, source: str):
     return model, tokenizer
 
 
-def load_reference(run: Run, source: str, device: torch.device):
-    """The frozen reference policy, or None where no loss term uses it."""
-    if run.cfg.algo.kl.coef == 0:
-        return None
-    return load_frozen(run, source, device)
-
-
 def load_frozen(run: Run, source: str, device: torch.device):
     """A frozen, evaluation-mode copy of the causal LM at ``source``."""
     model = load_pretrained(source, run.cfg.model, run.cfg.hardware).to(device).eval()
@@ -120,21 +131,21 @@ def load_frozen(run: Run, source: str, device: torch.device):
     return model
 
 
-def make_engine(run: Run, model, *, lr: float, batch_size_global: int, total_steps: int, algo=None):
-    """A DeepSpeed engine whose gradient accumulation matches one minibatch."""
-    algo = algo or run.cfg.algo
+def make_engine(run: Run, model, *, optim, batch_size_global: int, total_steps: int):
+    """A DeepSpeed engine whose gradient accumulation matches one minibatch; ``optim`` are
+    the optimizer settings (``algo.optim`` with its learning rate resolved)."""
     per_device = batch_size_global // world_size()
     micro = min(run.cfg.trainer.micro_batch_per_device, per_device)
     accumulation = -(-per_device // micro)
     return build_engine(
         model,
         run.cfg.hardware,
-        lr=lr,
-        betas=algo.adam_betas,
-        weight_decay=algo.weight_decay,
-        max_grad_norm=algo.max_grad_norm,
-        schedule=algo.lr_schedule,
-        warmup_steps=algo.warmup_steps,
+        lr=optim.lr,
+        betas=optim.betas,
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.max_grad_norm,
+        schedule=optim.schedule,
+        warmup_steps=optim.warmup_steps,
         total_steps=total_steps,
         micro_batch_per_device=micro,
         grad_accum_steps=accumulation,

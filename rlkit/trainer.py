@@ -3,6 +3,7 @@ logging, periodic evaluation and atomic checkpoints; resumable at any checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -176,7 +177,8 @@ def warm_start(run, base_dir: str) -> str:
         return directory
     ws = run.cfg.model.warmstart
     model, run.tokenizer = load_model(run, base_dir)
-    loop = SFTLoop(run, model, lr=ws.lr, batch_size_global=ws.batch_size_global, max_steps=ws.steps)
+    optim = dataclasses.replace(run.algo.optim, lr=ws.lr)  # the algorithm's optimizer settings, the warm start's rate
+    loop = SFTLoop(run, model, optim=optim, batch_size_global=ws.batch_size_global, max_steps=ws.steps)
     bar = tqdm(
         range(1, ws.steps + 1), desc="warm start (SFT)", disable=not (is_main_process() and run.cfg.logger.progress_bar)
     )

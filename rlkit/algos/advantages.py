@@ -1,7 +1,9 @@
-"""Advantage estimators: ``fn(inputs, cfg) -> (advantages, returns)``, both (B, T).
+"""Advantage estimators: ``fn(inputs, settings) -> (advantages, returns)``, both (B, T).
 
-All are ``no_grad`` functions of rollout tensors. ``cfg`` is the ``algo`` config
-node; each estimator reads only the knobs it documents.
+All are ``no_grad`` functions of rollout tensors. ``settings`` is the estimator's own
+settings dataclass (the ``algo.advantage`` config node). An estimator that reads more than
+the rewards declares it: ``@uses("values")``, ``@uses("baseline_scores")``, ...; the
+configured value source (``algo.values``) must provide those inputs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,72 @@ import torch
 
 from rlkit.algos.masked import group_stats
 from rlkit.registry import Registry
+from rlkit.settings import Settings
 
-ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator")
+ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator", group="algo/advantage")
+
+
+def uses(*inputs: str):
+    """Declare the optional :class:`AdvantageInputs` fields an estimator reads."""
+
+    def mark(fn):
+        fn.inputs = inputs
+        return fn
+
+    return mark
+
+
+def compares_within_groups(fn):
+    """Mark an estimator whose baseline is the other samples of the same prompt: a group of
+    one sample gets advantage 0, so it needs ``algo.group_size >= 2``."""
+    fn.compares_within_groups = True
+    return fn
+
+
+@dataclass
+class NormalisedSettings(Settings):
+    """Settings of estimators that may divide by a standard deviation."""
+
+    norm_by_std: bool = True  # divide by the std (of the group, or of the batch); false = centre only (Dr. GRPO)
+    eps: float = 1e-6  # added to the std before dividing
+
+    def check(self) -> None:
+        self.require(
+            self.eps > 0 or not self.norm_by_std,
+            "eps",
+            "must be positive when norm_by_std is true (equal rewards have std 0)",
+        )
+
+
+@dataclass
+class ReturnSettings(NormalisedSettings):
+    gamma: float = 1.0  # discount of the per-token return (REINFORCE++ and RLHF PPO use 1)
+
+    def check(self) -> None:
+        super().check()
+        self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+
+
+@dataclass
+class ThresholdSettings(Settings):
+    correct_threshold: float = 0.5  # a sample counts as correct when its score is above this
+
+
+@dataclass
+class WeightedReinforceSettings(ThresholdSettings):
+    positive_weight: float = 0.1  # lambda, the weight of correct samples (Zhu et al. 2025 recommend 0.1)
+
+    def check(self) -> None:
+        self.require_non_negative("positive_weight")
+
+
+@dataclass
+class BNPOSettings(Settings):
+    score_min: float = 0.0  # scores are mapped affinely from [score_min, score_max] onto [0, 1] (then clipped into it)
+    score_max: float = 1.0
+
+    def check(self) -> None:
+        self.require(self.score_max > self.score_min, "score_max", f"must be above score_min={self.score_min}")
 
 
 @dataclass(frozen=True)
@@ -53,21 +119,21 @@ def _broadcast(per_sample: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return per_sample.to(mask.dtype if mask.is_floating_point() else torch.float32)[:, None] * mask
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo", NormalisedSettings)
+@compares_within_groups
 @torch.no_grad()
-def grpo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def grpo_advantage(inputs: AdvantageInputs, settings: NormalisedSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO outcome advantage (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2, Eq. 3 context).
 
     A_i = (r_i - mean(r_group)) / (std(r_group) + eps), the same for every token
-    of sample i. With ``cfg.norm_adv_by_std = false`` the division is skipped,
+    of sample i. With ``norm_by_std = false`` the division is skipped,
     which is Dr. GRPO's unbiased form (Liu et al. 2025, Sec. 3.2).
-    Knobs: ``norm_adv_by_std``, ``adv_eps``.
     """
     scores = inputs.scores
     mean, std, _ = group_stats(scores, inputs.group_index)
     advantages = scores.to(torch.float64) - mean
-    if cfg.norm_adv_by_std:
-        advantages = advantages / (std + cfg.adv_eps)
+    if settings.norm_by_std:
+        advantages = advantages / (std + settings.eps)
     advantages = _broadcast(advantages.float(), inputs.response_mask)
     return advantages, advantages
 
@@ -130,8 +196,9 @@ def _normalise_over_batch(values: torch.Tensor, mask: torch.Tensor, eps: float, 
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
+@compares_within_groups
 @torch.no_grad()
-def rloo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def rloo_advantage(inputs: AdvantageInputs, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics: Revisiting
     REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
     arXiv:2402.14740, their RLOO estimator; the leave-one-out baseline is Kool et al.
@@ -142,7 +209,7 @@ def rloo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
     with k the size of i's group; the whole response is one action, so every token
     of sample i carries A_i. A group of one has no other sample to compare with: 0.
     r_i is the summed token reward, so a KL penalty placed in the reward (k1) makes it
-    the paper's r(x, y) - beta log(pi(y|x) / pi_ref(y|x)). Knobs: none.
+    the paper's r(x, y) - beta log(pi(y|x) / pi_ref(y|x)).
     """
     scores = _sequence_scores(inputs)
     mean, _, size = group_stats(scores, inputs.group_index)
@@ -151,9 +218,9 @@ def rloo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
     return advantages, advantages
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp", ReturnSettings)
 @torch.no_grad()
-def reinforce_pp_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp_advantage(inputs: AdvantageInputs, settings: ReturnSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262): token-level return, then global
     batch normalisation.
 
@@ -163,34 +230,37 @@ def reinforce_pp_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, 
     A_t = r(x, y) - beta sum_{i >= t} log(pi_old(y_i) / pi_SFT(y_i))); then
     A_norm = (A - mean_batch(A)) / std_batch(A), mean and (population) std over every
     response token of the whole batch, summed over all processes.
-    Returns (A_norm, A). Knobs: ``gamma``, ``adv_eps``, ``norm_adv_by_std`` (false keeps
-    the centring and skips the division).
+    Returns (A_norm, A). ``norm_by_std: false`` keeps the centring and skips the division.
     """
-    returns = _returns_to_go(inputs.token_rewards, inputs.response_mask, cfg.gamma)
-    advantages = _normalise_over_batch(returns, inputs.response_mask, cfg.adv_eps, cfg.norm_adv_by_std)
+    returns = _returns_to_go(inputs.token_rewards, inputs.response_mask, settings.gamma)
+    advantages = _normalise_over_batch(returns, inputs.response_mask, settings.eps, settings.norm_by_std)
     return advantages.float(), returns.float()
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", NormalisedSettings)
+@compares_within_groups
 @torch.no_grad()
-def reinforce_pp_baseline_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def reinforce_pp_baseline_advantage(
+    inputs: AdvantageInputs, settings: NormalisedSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++-baseline (Hu et al. 2025, arXiv:2501.03262, the group-sampling variant).
 
     A_i = r_i - mean(r_group), the same on every token of sample i, then the global
     batch normalisation of :func:`reinforce_pp_advantage` over all response tokens.
     r_i is the summed token reward (any KL placed in the reward included); a group of
-    one gets A_i = 0 before normalisation. Knobs: ``adv_eps``, ``norm_adv_by_std``.
+    one gets A_i = 0 before normalisation.
     """
     scores = _sequence_scores(inputs)
     mean, _, _ = group_stats(scores, inputs.group_index)
     centred = (scores - mean)[:, None] * _float_mask(inputs.response_mask)
-    advantages = _normalise_over_batch(centred, inputs.response_mask, cfg.adv_eps, cfg.norm_adv_by_std).float()
+    advantages = _normalise_over_batch(centred, inputs.response_mask, settings.eps, settings.norm_by_std).float()
     return advantages, advantages
 
 
 @ADVANTAGE_ESTIMATORS.register("remax")
+@uses("baseline_scores")
 @torch.no_grad()
-def remax_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def remax_advantage(inputs: AdvantageInputs, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
     """ReMax (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement
     Learning Method for Aligning Large Language Models", arXiv:2310.10505, Algorithm 1):
     the baseline is the reward of the greedy response to the same prompt.
@@ -198,13 +268,13 @@ def remax_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.T
     A_t = sum_{k >= t} r_k - r(x, y_greedy). Without per-token shaping this is
     r(x, y) - r(x, y_greedy) on every token, the paper's estimator; with a KL penalty in
     the reward each token keeps the penalty still ahead of it. r(x, y_greedy) comes from
-    ``inputs.baseline_scores``, which the loop fills when ``algo.baseline_rollout = greedy``.
-    Returns (A, return-to-go). Knobs: none.
+    ``inputs.baseline_scores``, which the ``greedy`` value source fills (``algo/values=greedy``).
+    Returns (A, return-to-go).
     """
     if inputs.baseline_scores is None:
         raise ValueError(
             "advantage 'remax' needs the greedy baseline score of every sample "
-            "(AdvantageInputs.baseline_scores): set algo.baseline_rollout=greedy"
+            "(AdvantageInputs.baseline_scores): set algo/values=greedy"
         )
     mask = _float_mask(inputs.response_mask)
     returns = _returns_to_go(inputs.token_rewards, inputs.response_mask, 1.0)
@@ -215,14 +285,14 @@ def remax_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.T
 # --------------------------------------------------------------------------- binary-reward estimators
 
 
-def _correct(inputs: AdvantageInputs, cfg) -> torch.Tensor:
-    """(B,) bool: the sample's score is above ``cfg.correct_threshold``."""
-    return _sequence_scores(inputs) > cfg.correct_threshold
+def _correct(inputs: AdvantageInputs, settings: ThresholdSettings) -> torch.Tensor:
+    """(B,) bool: the sample's score is above ``settings.correct_threshold``."""
+    return _sequence_scores(inputs) > settings.correct_threshold
 
 
-@ADVANTAGE_ESTIMATORS.register("nsr")
+@ADVANTAGE_ESTIMATORS.register("nsr", ThresholdSettings)
 @torch.no_grad()
-def nsr_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def nsr_advantage(inputs: AdvantageInputs, settings: ThresholdSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Negative Sample Reinforcement (Zhu et al. 2025, "The Surprising Effectiveness of
     Negative Reinforcement in LLM Reasoning", arXiv:2506.01347, the L_NSR objective of
     their decomposition L_RLVR = L_PSR + L_NSR with rewards in {+1, -1}).
@@ -230,25 +300,26 @@ def nsr_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Ten
     A_i = -1 if sample i is wrong, 0 if it is right (only wrong samples are trained on:
     their likelihood is pushed down). "Right" means score > ``correct_threshold``
     (default 0.5, the midpoint of a {0, 1} verifier; a format bonus below the threshold
-    does not make a wrong answer right). Knobs: ``correct_threshold``.
+    does not make a wrong answer right).
     """
-    per_sample = torch.where(_correct(inputs, cfg), 0.0, -1.0)
+    per_sample = torch.where(_correct(inputs, settings), 0.0, -1.0)
     advantages = _broadcast(per_sample, inputs.response_mask)
     return advantages, advantages
 
 
-@ADVANTAGE_ESTIMATORS.register("w_reinforce")
+@ADVANTAGE_ESTIMATORS.register("w_reinforce", WeightedReinforceSettings)
 @torch.no_grad()
-def w_reinforce_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def w_reinforce_advantage(
+    inputs: AdvantageInputs, settings: WeightedReinforceSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted REINFORCE (Zhu et al. 2025, arXiv:2506.01347): the objective
     lambda * L_PSR + L_NSR, i.e. right samples are reinforced with weight lambda and
     wrong ones suppressed with weight 1.
 
     A_i = lambda if sample i is right (score > ``correct_threshold``), else -1.
-    The paper recommends lambda = 0.1 (``positive_weight``). Knobs:
-    ``positive_weight``, ``correct_threshold``.
+    The paper recommends lambda = 0.1 (``positive_weight``).
     """
-    per_sample = torch.where(_correct(inputs, cfg), float(cfg.positive_weight), -1.0)
+    per_sample = torch.where(_correct(inputs, settings), float(settings.positive_weight), -1.0)
     advantages = _broadcast(per_sample, inputs.response_mask)
     return advantages, advantages
 
@@ -279,9 +350,10 @@ def bnpo_beta_parameters(p: torch.Tensor, size: torch.Tensor) -> tuple[float, fl
     return max(1 + k * mu / 3, 1.0), max(1 + k * (1 - mu) / 3, 1.0)
 
 
-@ADVANTAGE_ESTIMATORS.register("bnpo")
+@ADVANTAGE_ESTIMATORS.register("bnpo", BNPOSettings)
+@compares_within_groups
 @torch.no_grad()
-def bnpo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def bnpo_advantage(inputs: AdvantageInputs, settings: BNPOSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Beta Normalization Policy Optimization (Xiao, Zhang & Cao 2025, arXiv:2506.02864).
 
     A(q, o) = (R(q, o) - p(q)) / f_N(p(q); alpha, beta),
@@ -292,17 +364,15 @@ def bnpo_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
     :func:`bnpo_beta_parameters`). alpha = beta = 1 is REINFORCE with a baseline,
     alpha = beta = 3/2 is GRPO's std normalisation (up to the constant B(3/2, 3/2) = pi/8).
 
-    Scores are mapped from [``bnpo_score_min``, ``bnpo_score_max``] onto [0, 1] first (the
+    Scores are mapped from [``score_min``, ``score_max``] onto [0, 1] first (the
     authors' affine map for non-binary rewards). Simplifications, stated plainly:
     scores outside the range are clipped into it (the authors' code asserts instead);
     a group of one uses its own score as p(q), so its advantage is 0 (their code uses
     p = 0); alpha and beta are clamped to >= 1 and 1/f_N to <= 1e6 as in their code;
     the paper's advantage decomposition for several reward terms is not implemented
-    (the summed score is treated as one reward). Knobs: ``bnpo_score_min``, ``bnpo_score_max``.
+    (the summed score is treated as one reward).
     """
-    low, high = float(cfg.bnpo_score_min), float(cfg.bnpo_score_max)
-    if high <= low:
-        raise ValueError(f"algo.bnpo_score_max={high} must be above algo.bnpo_score_min={low}")
+    low, high = float(settings.score_min), float(settings.score_max)
     rewards = ((_sequence_scores(inputs) - low) / (high - low)).clamp(0.0, 1.0)
     p, _, size = group_stats(rewards, inputs.group_index)
     alpha, beta = bnpo_beta_parameters(p, size)

@@ -3,9 +3,18 @@ T-PPO's extension to responses that were cut off and go on (Extended GAE)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, _float_mask, _normalise_over_batch
+from rlkit.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    ReturnSettings,
+    _float_mask,
+    _normalise_over_batch,
+    uses,
+)
 
 
 @torch.no_grad()
@@ -47,9 +56,19 @@ def generalized_advantages(
     return advantages, advantages + values
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@dataclass
+class GAESettings(ReturnSettings):
+    lam: float = 0.95  # GAE lambda (Schulman et al. 2016; 0.95 is PPO's and PPO-max's choice)
+
+    def check(self) -> None:
+        super().check()
+        self.require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+
+
+@ADVANTAGE_ESTIMATORS.register("gae", GAESettings)
+@uses("values")
 @torch.no_grad()
-def gae_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantage(inputs: AdvantageInputs, settings: GAESettings) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(gamma, lambda) (Schulman et al. 2016, "High-Dimensional Continuous Control Using
     Generalized Advantage Estimation", arXiv:1506.02438, Eq. 11-16); see :func:`generalized_advantages`.
 
@@ -60,17 +79,15 @@ def gae_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Ten
 
     lambda = 1 gives A_t = sum_k gamma^(k-t) r_k - V(s_t) (Eq. 18: returns minus values);
     lambda = 0 the one-step TD error (Eq. 17). The response mask must be a prefix (it is:
-    responses end at EOS). With ``norm_adv_by_std`` the advantages are whitened over every
+    responses end at EOS). With ``norm_by_std`` the advantages are whitened over every
     response token of the batch, all processes included (PPO-max's advantage normalisation,
-    Zheng et al. 2023); returns are not. Knobs: ``gamma``, ``lam``, ``norm_adv_by_std``, ``adv_eps``.
+    Zheng et al. 2023); returns are not.
     """
     if inputs.values is None:
-        raise ValueError(
-            "advantage 'gae' needs critic values (AdvantageInputs.values): set algo.critic.type=separate or shared_head"
-        )
+        raise ValueError("advantage 'gae' needs critic values (AdvantageInputs.values): set algo/values=critic")
     advantages, returns = generalized_advantages(
-        inputs.token_rewards, inputs.values, inputs.response_mask, cfg.gamma, cfg.lam, inputs.bootstrap_values
+        inputs.token_rewards, inputs.values, inputs.response_mask, settings.gamma, settings.lam, inputs.bootstrap_values
     )
-    if cfg.norm_adv_by_std:
-        advantages = _normalise_over_batch(advantages, inputs.response_mask, cfg.adv_eps, divide=True)
+    if settings.norm_by_std:
+        advantages = _normalise_over_batch(advantages, inputs.response_mask, settings.eps, divide=True)
     return advantages.float(), returns.float()

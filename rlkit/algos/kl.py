@@ -9,11 +9,40 @@ With ``log_ratio = log pi(y) - log pi_ref(y)`` for y ~ pi:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from rlkit.registry import Registry
+from rlkit.settings import Checked
 
 KL_ESTIMATORS: Registry = Registry("KL estimator")
+
+
+@dataclass
+class KLSettings(Checked):
+    """The KL penalty toward the frozen reference policy (``algo.kl``)."""
+
+    coef: float = 0.0  # beta; 0 loads no reference model at all
+    estimator: str = "k3"  # k1 | k2 | k3 (Schulman 2020)
+    placement: str = (
+        "loss"  # loss: beta * KL added to the loss (GRPO); reward: subtracted per token from the reward (PPO)
+    )
+    target: float | None = (
+        None  # adaptive controller (Ziegler et al. 2019, Eq. 2): the KL per response beta is steered to
+    )
+    horizon: int = (
+        10000  # adaptive controller: samples over which beta may change by a factor 1 +- 0.2 (Ziegler: 10000)
+    )
+
+    def check(self) -> None:
+        self.require_non_negative("coef")
+        self.require_choice("estimator", KL_ESTIMATORS.names())
+        self.require_choice("placement", ("loss", "reward"))
+        adaptive = self.target is None or (self.target > 0 and self.coef > 0 and self.horizon >= 1)
+        self.require(
+            adaptive, "target", "the adaptive controller needs target > 0, an initial coef > 0 and horizon >= 1"
+        )
 
 
 @KL_ESTIMATORS.register("k1")

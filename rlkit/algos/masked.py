@@ -29,3 +29,10 @@ def group_stats(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.
     squares = torch.zeros_like(sizes).index_add_(0, inverse, (scores - means[inverse]) ** 2)
     stds = torch.where(sizes > 1, (squares / (sizes - 1).clamp(min=1)).sqrt(), torch.zeros_like(sizes))
     return means[inverse], stds[inverse], sizes[inverse]
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over response tokens: 1 for a perfect critic, <= 0 for a useless one."""
+    residual_var = float(masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask))
+    returns_var = float(masked_mean((returns - masked_mean(returns, mask)) ** 2, mask))
+    return 1.0 - residual_var / returns_var if returns_var > 0 else float("nan")

@@ -1,8 +1,8 @@
-"""Policy losses: ``fn(log_prob, old_log_prob, advantages, mask, cfg) -> (loss, metrics)``.
+"""Policy losses: ``fn(log_prob, old_log_prob, advantages, mask, settings) -> (loss, metrics)``.
 
 ``loss`` is per token, (B, T); aggregation happens afterwards
 (:mod:`rlkit.algos.aggregation`). ``metrics`` are scalar tensors, returned rather
-than logged. A loss may also name keyword arguments from :data:`OPTIONAL_INPUTS`:
+than logged. ``settings`` is the loss's own settings dataclass (the ``algo.policy_loss`` node). A loss may also name keyword arguments from :data:`OPTIONAL_INPUTS`:
 ``ref_log_prob`` (B, T) under the frozen reference (initial) policy, and
 ``group_index`` (B,) for pairwise losses; the loop then passes them and keeps each
 group's samples together in every micro-batch.
@@ -12,13 +12,80 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rlkit.algos.masked import masked_mean
 from rlkit.registry import Registry
+from rlkit.settings import Settings
 
-POLICY_LOSSES: Registry = Registry("policy loss")
+POLICY_LOSSES: Registry = Registry("policy loss", group="algo/policy_loss")
+
+
+@dataclass
+class ClipSettings(Settings):
+    clip_low: float = 0.2  # PPO epsilon below 1: the ratio is kept above 1 - clip_low
+    clip_high: float = 0.2  # PPO epsilon above 1 (DAPO recommends 0.28: "clip-higher")
+
+    def check(self) -> None:
+        self.require_non_negative("clip_low", "clip_high")
+        self.require(self.clip_low < 1, "clip_low", "must be below 1")
+
+
+@dataclass
+class GPPOSettings(ClipSettings):
+    beta1: float = (
+        0.75  # gradient scale of tokens clipped below (ratio < 1 - clip_low, A < 0); paper: 0.75 (7B), 0.5 (1.5B)
+    )
+    beta2: float = 1.0  # gradient scale of tokens clipped above (ratio > 1 + clip_high, A > 0); paper: 1.0
+
+    def check(self) -> None:
+        super().check()
+        self.require_non_negative("beta1", "beta2")
+
+
+@dataclass
+class PSPOSettings(Settings):
+    alpha: float = 0.1  # smoothing of pi toward pi_old before the ratio, in [0, 1); 0 = the unclipped ratio
+
+    def check(self) -> None:
+        self.require(0 <= self.alpha < 1, "alpha", "must be in [0, 1) (1 would freeze the policy at pi_old)")
+
+
+@dataclass
+class APASettings(Settings):
+    lam: float = 1.0  # lambda: the target is log pi_init + A / lambda; larger = closer to pi_init
+
+    def check(self) -> None:
+        self.require_positive("lam")
+
+
+@dataclass
+class REBELSettings(Settings):
+    eta: float = 1.0  # log-ratio differences are divided by eta (the paper tunes it per task)
+
+    def check(self) -> None:
+        self.require_positive("eta")
+
+
+@dataclass
+class P3OSettings(ClipSettings):
+    clipping: str = "joint"  # joint (P3O-V2) clips the pair's log-ratio difference, separate (P3O-V1) each response's
+    weight_cap: float = 10.0  # c: the pair's importance weight rho1 rho2 is clipped into [1/c, c]; 1 = no weighting
+
+    def check(self) -> None:
+        super().check()
+        self.require_choice("clipping", ("joint", "separate"))
+        self.require(self.weight_cap >= 1, "weight_cap", "must be at least 1 (the weight is clipped into [1/c, c])")
+
+
+@dataclass
+class CoPGSettings(Settings):
+    beta: float = 0.1  # beta of R_beta = r - beta ln(pi / pi_ref)
+
+    def check(self) -> None:
+        self.require_positive("beta")
 
 
 def vanishes_at_zero_advantage(fn):
@@ -29,25 +96,25 @@ def vanishes_at_zero_advantage(fn):
     return fn
 
 
-@POLICY_LOSSES.register("clipped")
+@POLICY_LOSSES.register("clipped", ClipSettings)
 @vanishes_at_zero_advantage
-def clipped_surrogate(log_prob, old_log_prob, advantages, mask, cfg):
+def clipped_surrogate(log_prob, old_log_prob, advantages, mask, settings: ClipSettings):
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) with asymmetric
     bounds ``[1 - clip_low, 1 + clip_high]`` (DAPO's clip-higher, Yu et al. 2025, Eq. 10).
 
     loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),
-    r_t = exp(log_prob_t - old_log_prob_t). Knobs: ``clip_low``, ``clip_high``.
+    r_t = exp(log_prob_t - old_log_prob_t).
     """
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * advantages
+    clipped = ratio.clamp(1.0 - settings.clip_low, 1.0 + settings.clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean((clipped < unclipped).float(), mask),
-            "clip_frac_low": masked_mean(((ratio < 1.0 - cfg.clip_low) & (advantages < 0)).float(), mask),
-            "clip_frac_high": masked_mean(((ratio > 1.0 + cfg.clip_high) & (advantages > 0)).float(), mask),
+            "clip_frac_low": masked_mean(((ratio < 1.0 - settings.clip_low) & (advantages < 0)).float(), mask),
+            "clip_frac_high": masked_mean(((ratio > 1.0 + settings.clip_high) & (advantages > 0)).float(), mask),
             "approx_kl_old": masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
@@ -58,9 +125,9 @@ def _old_policy_metrics(log_ratio: torch.Tensor, ratio: torch.Tensor, mask: torc
     return {"approx_kl_old": masked_mean(0.5 * log_ratio**2, mask), "ratio_mean": masked_mean(ratio, mask)}
 
 
-@POLICY_LOSSES.register("gspo")
+@POLICY_LOSSES.register("gspo", ClipSettings)
 @vanishes_at_zero_advantage
-def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
+def gspo_loss(log_prob, old_log_prob, advantages, mask, settings: ClipSettings):
     """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071), in the
     paper's token-level form GSPO-token.
 
@@ -73,7 +140,6 @@ def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     the gradient equal the sequence-level GSPO objective
     -1/G sum_i min(s_i A_i, clip(s_i) A_i): d s_i,t = s_i d log pi_t, and averaging over
     the |y_i| tokens gives A_i d s_i. The paper uses eps_low = 3e-4, eps_high = 4e-4.
-    Knobs: ``clip_low``, ``clip_high``.
     """
     maskf = mask.to(log_prob.dtype)
     token_log_ratio = log_prob - old_log_prob
@@ -81,14 +147,14 @@ def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     log_ratio = seq_log_ratio.detach().clamp(-20.0, 20.0)[:, None] + log_prob - log_prob.detach()
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
-    clipped = ratio.clamp(1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * advantages
+    clipped = ratio.clamp(1.0 - settings.clip_low, 1.0 + settings.clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     with torch.no_grad():
         has_tokens = (maskf.sum(-1) > 0).to(log_prob.dtype)
         metrics = {
             "clip_frac": masked_mean((clipped < unclipped).float(), mask),
-            "clip_frac_low": masked_mean(((ratio < 1.0 - cfg.clip_low) & (advantages < 0)).float(), mask),
-            "clip_frac_high": masked_mean(((ratio > 1.0 + cfg.clip_high) & (advantages > 0)).float(), mask),
+            "clip_frac_low": masked_mean(((ratio < 1.0 - settings.clip_low) & (advantages < 0)).float(), mask),
+            "clip_frac_high": masked_mean(((ratio > 1.0 + settings.clip_high) & (advantages > 0)).float(), mask),
             **_old_policy_metrics(
                 token_log_ratio.clamp(-20.0, 20.0), torch.exp(token_log_ratio.clamp(-20.0, 20.0)), mask
             ),
@@ -97,9 +163,9 @@ def gspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     return loss, metrics
 
 
-@POLICY_LOSSES.register("ce_gppo")
+@POLICY_LOSSES.register("ce_gppo", GPPOSettings)
 @vanishes_at_zero_advantage
-def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, cfg):
+def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, settings: GPPOSettings):
     """CE-GPPO, gradient-preserving clipping (Su et al. 2025, "CE-GPPO: Coordinating
     Entropy via Gradient-Preserving Clipping Policy Optimization in Reinforcement
     Learning", arXiv:2509.20712; the loss of the authors' reference implementation).
@@ -113,17 +179,17 @@ def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     -beta (1 -/+ eps) A d log pi. Where nothing is clipped this is exactly
     :func:`clipped_surrogate`. The authors' code also applies verl's dual-clip bound on
     negative advantages; that is left out here (our ``clipped`` loss has no dual clip
-    either). Knobs: ``clip_low``, ``clip_high``, ``gppo_beta1``, ``gppo_beta2``.
+    either).
     """
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unit = torch.exp(log_prob - log_prob.detach())  # value 1, gradient d log pi: r / sg(r)
-    low = (ratio < 1.0 - cfg.clip_low) & (advantages < 0)
-    high = (ratio > 1.0 + cfg.clip_high) & (advantages > 0)
+    low = (ratio < 1.0 - settings.clip_low) & (advantages < 0)
+    high = (ratio > 1.0 + settings.clip_high) & (advantages > 0)
     loss = torch.where(
         low,
-        -cfg.gppo_beta1 * (1.0 - cfg.clip_low) * unit * advantages,
-        torch.where(high, -cfg.gppo_beta2 * (1.0 + cfg.clip_high) * unit * advantages, -ratio * advantages),
+        -settings.beta1 * (1.0 - settings.clip_low) * unit * advantages,
+        torch.where(high, -settings.beta2 * (1.0 + settings.clip_high) * unit * advantages, -ratio * advantages),
     )
     with torch.no_grad():
         metrics = {
@@ -135,9 +201,9 @@ def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     return loss, metrics
 
 
-@POLICY_LOSSES.register("pspo")
+@POLICY_LOSSES.register("pspo", PSPOSettings)
 @vanishes_at_zero_advantage
-def pspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
+def pspo_loss(log_prob, old_log_prob, advantages, mask, settings: PSPOSettings):
     """Probability Smoothing Policy Optimisation (Dwyer, Sobey & Chapman 2025, "It's Not
     You, It's Clipping: A Soft Trust-Region via Probability Smoothing for LLM RL",
     arXiv:2509.21282), in its GRPO form (GR-PSPO).
@@ -148,12 +214,11 @@ def pspo_loss(log_prob, old_log_prob, advantages, mask, cfg):
     The gradient is (1 - alpha) r A d log pi everywhere: never zeroed, and the ratio's
     distance from 1 shrinks by (1 - alpha). alpha = 0 is the unclipped ratio objective.
     Written from the paper's description of the smoothing operator; the value of alpha
-    (``pspo_alpha``, default 0.1) follows TRL's GR-PSPO example, not a table of the paper.
-    Knobs: ``pspo_alpha``.
+    (``alpha``, default 0.1) follows TRL's GR-PSPO example, not a table of the paper.
     """
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
-    smoothed = (1.0 - cfg.pspo_alpha) * ratio + cfg.pspo_alpha
+    smoothed = (1.0 - settings.alpha) * ratio + settings.alpha
     loss = -smoothed * advantages
     with torch.no_grad():
         metrics = {**_old_policy_metrics(log_ratio, ratio, mask), "smoothed_ratio_mean": masked_mean(smoothed, mask)}
@@ -168,8 +233,8 @@ def optional_inputs(fn) -> tuple[str, ...]:
     return tuple(name for name in OPTIONAL_INPUTS if name in inspect.signature(fn).parameters)
 
 
-@POLICY_LOSSES.register("apa")
-def apa_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob):
+@POLICY_LOSSES.register("apa", APASettings)
+def apa_loss(log_prob, old_log_prob, advantages, mask, settings: APASettings, ref_log_prob):
     """Advantage-Induced Policy Alignment (Zhu et al. 2023, "Fine-Tuning Language Models with
     Advantage-Induced Policy Alignment", arXiv:2306.02231, the APA loss of Sec. 3):
 
@@ -177,9 +242,9 @@ def apa_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob):
 
     a squared error that pulls log pi toward the target log pi_init + A / lambda, i.e. toward
     pi* proportional to pi_init exp(A / lambda), the KL-regularised optimum; pi_init is the
-    frozen reference (the starting model). Knobs: ``apa_lambda``.
+    frozen reference (the starting model).
     """
-    target = ref_log_prob + advantages / cfg.apa_lambda
+    target = ref_log_prob + advantages / settings.lam
     loss = (log_prob - target) ** 2
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
@@ -211,8 +276,8 @@ def _pair_terms(log_prob, anchor_log_prob, advantages, mask, group_index):
     return partner, seq_log_ratio, seq_advantage - seq_advantage[partner]
 
 
-@POLICY_LOSSES.register("rebel")
-def rebel_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
+@POLICY_LOSSES.register("rebel", REBELSettings)
+def rebel_loss(log_prob, old_log_prob, advantages, mask, settings: REBELSettings, group_index):
     """REBEL, REinforcement Learning via Regressing Relative Rewards (Gao et al. 2024,
     arXiv:2404.16767, Eq. 1 / Algorithm 1): for the two responses y, y' of one prompt,
 
@@ -223,10 +288,9 @@ def rebel_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     per-sequence baseline cancels), so the preset uses ``advantage: grpo`` without std
     scaling. The pair's loss is put on every token of both responses: with the
     ``seq-mean-token-mean`` aggregation the objective is the mean over pairs.
-    Knobs: ``rebel_eta``.
     """
     partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, old_log_prob, advantages, mask, group_index)
-    residual = (seq_log_ratio - seq_log_ratio[partner]) / cfg.rebel_eta - reward_gap
+    residual = (seq_log_ratio - seq_log_ratio[partner]) / settings.eta - reward_gap
     loss = (residual**2)[:, None].expand_as(log_prob)
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
@@ -234,8 +298,8 @@ def rebel_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     return loss, metrics
 
 
-@POLICY_LOSSES.register("p3o")
-def p3o_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
+@POLICY_LOSSES.register("p3o", P3OSettings)
+def p3o_loss(log_prob, old_log_prob, advantages, mask, settings: P3OSettings, group_index):
     """P3O, Pairwise Proximal Policy Optimization (Wu et al. 2023, arXiv:2310.00212): the
     pairwise policy gradient of Theorem 1 (Sec. 4.1),
     E_{y1,y2 ~ pi_old} rho1 rho2 (r(y1) - r(y2)) grad ln(pi(y1)/pi(y2)) / 2,  rho = pi(y)/pi_old(y),
@@ -250,17 +314,17 @@ def p3o_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     every token, negated: with ``seq-mean-token-mean`` the loss is minus the mean over
     pairs. At rho = 1 both give the REINFORCE gradient with advantage r(y) - r(y'). The
     KL penalty of the paper's reward (Eq. 2) goes in the reward (``kl.placement: reward``,
-    ``k1``). Knobs: ``p3o_clip``, ``p3o_weight_cap`` (c), ``clip_low``, ``clip_high`` (eps).
+    ``k1``). ``clipping`` chooses V1 or V2, ``weight_cap`` is c, ``clip_low`` / ``clip_high`` are eps.
     """
     partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, old_log_prob, advantages, mask, group_index)
-    cap = math.log(cfg.p3o_weight_cap)
+    cap = math.log(settings.weight_cap)
     weight = torch.exp((seq_log_ratio + seq_log_ratio[partner]).detach().clamp(-cap, cap))
-    if cfg.p3o_clip == "joint":
+    if settings.clipping == "joint":
         clipped_log_ratio, share = seq_log_ratio - seq_log_ratio[partner], 0.5
     else:
         clipped_log_ratio, share = seq_log_ratio, 1.0
     unclipped = clipped_log_ratio * reward_gap
-    clipped = clipped_log_ratio.clamp(-cfg.clip_low, cfg.clip_high) * reward_gap
+    clipped = clipped_log_ratio.clamp(-settings.clip_low, settings.clip_high) * reward_gap
     loss = (-share * weight * torch.minimum(unclipped, clipped))[:, None].expand_as(log_prob)
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
@@ -272,8 +336,8 @@ def p3o_loss(log_prob, old_log_prob, advantages, mask, cfg, group_index):
     return loss, metrics
 
 
-@POLICY_LOSSES.register("copg")
-def copg_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob, group_index):
+@POLICY_LOSSES.register("copg", CoPGSettings)
+def copg_loss(log_prob, old_log_prob, advantages, mask, settings: CoPGSettings, ref_log_prob, group_index):
     """CoPG, Contrastive Policy Gradient (Flet-Berliac et al. 2024, arXiv:2406.19185, Sec. 3):
     for two responses y, y' of one prompt, drawn from any policy,
 
@@ -284,10 +348,10 @@ def copg_loss(log_prob, old_log_prob, advantages, mask, cfg, ref_log_prob, group
     ratio, no clipping. Its gradient -2 beta (R_beta(y) - R_beta(y')) grad ln(pi(y)/pi(y'))
     is a policy gradient on R_beta with the other response as baseline. r(y) - r(y') is
     A(y) - A(y') as in :func:`rebel_loss`; the pair's loss sits on every token of both
-    responses (``seq-mean-token-mean``: the mean over pairs). Knobs: ``beta``.
+    responses (``seq-mean-token-mean``: the mean over pairs).
     """
     partner, seq_log_ratio, reward_gap = _pair_terms(log_prob, ref_log_prob, advantages, mask, group_index)
-    residual = reward_gap - cfg.beta * (seq_log_ratio - seq_log_ratio[partner])
+    residual = reward_gap - settings.beta * (seq_log_ratio - seq_log_ratio[partner])
     loss = (residual**2)[:, None].expand_as(log_prob)
     with torch.no_grad():
         log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)

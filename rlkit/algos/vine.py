@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs, _float_mask, _normalise_over_batch
+from rlkit.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    NormalisedSettings,
+    _float_mask,
+    _normalise_over_batch,
+    uses,
+)
 
 
 def per_step(step_ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,16 +34,17 @@ def per_step(step_ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -
     return steps, step_values[:, :num_steps]
 
 
-@ADVANTAGE_ESTIMATORS.register("vine")
+@ADVANTAGE_ESTIMATORS.register("vine", NormalisedSettings)
+@uses("values", "step_ids")
 @torch.no_grad()
-def vine_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def vine_advantage(inputs: AdvantageInputs, settings: NormalisedSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """VinePPO (Kazemnejad et al. 2024, "VinePPO: Unlocking RL Potential For LLM Reasoning
     Through Refined Credit Assignment", arXiv:2410.01679, Sec. 4).
 
     The response is a sequence of steps j = 0 .. n-1; s_j is the prompt plus the steps
     before j, and ``inputs.values`` holds V^_MC(s_j) on every token of step j:
       V^_MC(s_j) = 1/K sum_k R(eta_k),  eta_1..eta_K ~ pi(. | s_j)        (Eq. 5)
-    (estimated by :class:`rlkit.loops.mc_values.MonteCarloValues`). Each step's advantage
+    (estimated by the ``monte_carlo`` value source, :mod:`rlkit.loops.mc_values`). Each step's advantage
       A^_MC(s_j, a_j) = r(s_j, a_j) + V^_MC(s_{j+1}) - V^_MC(s_j)          (Eq. 6, gamma = 1)
     is given to every token of step j, where r(s_j, a_j) is the sum of the step's token
     rewards (the score sits on the last token, plus any per-token KL shaping) and the value
@@ -47,12 +55,12 @@ def vine_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
 
     ``inputs.step_ids`` (B, T) numbers each response's steps 0, 1, ... (contiguous; padding
     is ignored). Returns (A, r + V^_MC(s_{j+1})), the Monte-Carlo Q estimate, per token; with
-    ``norm_adv_by_std`` the advantages are whitened over every response token of the batch,
-    all processes included (as the authors' code does). Knobs: ``norm_adv_by_std``, ``adv_eps``.
+    ``norm_by_std`` the advantages are whitened over every response token of the batch,
+    all processes included (as the authors' code does).
     """
     if inputs.values is None or inputs.step_ids is None:
         raise ValueError(
-            "advantage 'vine' needs Monte-Carlo state values and step ids (AdvantageInputs.values, .step_ids): set algo.vine.k >= 1"
+            "advantage 'vine' needs Monte-Carlo state values and step ids (AdvantageInputs.values, .step_ids): set algo/values=monte_carlo"
         )
     mask = _float_mask(inputs.response_mask)
     steps, step_values = per_step(inputs.step_ids, inputs.response_mask, inputs.values)
@@ -63,6 +71,6 @@ def vine_advantage(inputs: AdvantageInputs, cfg) -> tuple[torch.Tensor, torch.Te
     step_returns = step_rewards + next_values
     advantages = (step_returns - step_values).gather(1, steps) * mask
     returns = step_returns.gather(1, steps) * mask
-    if cfg.norm_adv_by_std:
-        advantages = _normalise_over_batch(advantages, inputs.response_mask, cfg.adv_eps, divide=True)
+    if settings.norm_by_std:
+        advantages = _normalise_over_batch(advantages, inputs.response_mask, settings.eps, divide=True)
     return advantages.float(), returns.float()

@@ -62,7 +62,7 @@ def evaluate_checkpoint(args: list[str]) -> dict:
     model.eval()
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         step = json.load(f)["step"]
-    result = evaluate_model(run, model, cfg.algo.sampling.max_new_tokens)
+    result = evaluate_model(run, model, run.max_new_tokens)
     if is_main_process():
         report = Report(
             output_dir,

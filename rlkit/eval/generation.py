@@ -13,7 +13,7 @@ from rlkit.rollout.generate import decode_responses
 
 def evaluate_generation(run, loop) -> dict:
     """:func:`evaluate_model` on the loop's policy, at the rollout's response length."""
-    return evaluate_model(run, loop.engine.module, run.cfg.algo.sampling.max_new_tokens)
+    return evaluate_model(run, loop.engine.module, run.max_new_tokens)
 
 
 def evaluate_model(run, model, max_new_tokens: int) -> dict:

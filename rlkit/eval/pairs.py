@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkit.algos.preference_losses import pair_accuracy
+from rlkit.algos.preference_losses import implicit_reward_beta, pair_accuracy
 from rlkit.engine import all_gather_objects, rank, world_size
 from rlkit.metrics import mean_std
 from rlkit.models.sequences import encode_response_sets, score_response_sets
@@ -57,7 +57,8 @@ class PolicyPairScorer:
     """Implicit rewards, log-probs and a sampled KL estimate of a policy against its reference."""
 
     def __init__(self, run, loop):
-        self.run, self.model, self.beta = run, loop.engine.module, run.cfg.algo.beta
+        self.run, self.model = run, loop.engine.module
+        self.beta = implicit_reward_beta(getattr(run.algo, "preference_loss", None))
         self.reference = getattr(loop, "reference", None)
         if self.reference is None and "ref_log_probs" not in run.test_rows.column_names:
             source = getattr(loop, "reference_source", None) or base_model_dir(run)
@@ -94,7 +95,7 @@ class PolicyPairScorer:
             self.run.tokenizer,
             prompts,
             num_samples=1,
-            max_new_tokens=self.run.cfg.algo.sampling.max_new_tokens,
+            max_new_tokens=self.run.max_new_tokens,
         )
         width = rollout.response_ids.shape[1]
         log_ratio = (

@@ -11,17 +11,40 @@ policy is trained on the original responses (:func:`rlkit.algos.vine.vine_advant
 
 States that repeat (the prompt state of every sample of a group, and responses of one
 group that share a prefix) are estimated once, as the authors' code does. All prefixes
-are continued in one batched :func:`rlkit.rollout.generate.sample` call.
+are continued in one batched call of the rollout backend. This is the ``monte_carlo`` value
+source of the policy-gradient loop (``algo/values=monte_carlo``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from rlkit.engine import all_reduce_sum
-from rlkit.rollout.generate import left_pad, sample
+from rlkit.loops.values import VALUE_SOURCES, ValueSource
+from rlkit.settings import Settings
+
+
+@dataclass
+class MonteCarloSettings(Settings):
+    k: int = 9  # continuations per state, K of Eq. 5 (paper: 9; its ablation: 1 < 3 < 9)
+    step_delimiter: str = (
+        "\n"  # a step ends after a token whose text contains this (paper: reasoning steps, cut at newlines; "" = off)
+    )
+    step_tokens: int = 0  # also end a step after this many tokens (0 = off; the paper cuts only at step boundaries)
+    max_states: int | None = None  # estimate at most this many states per response, the prompt included (null = all)
+
+    def check(self) -> None:
+        self.require_at_least_one("k")
+        self.require_non_negative("step_tokens")
+        self.require(
+            self.max_states is None or self.max_states >= 1,
+            "max_states",
+            "must be at least 1 (the prompt state), or null",
+        )
 
 
 def delimiter_tokens(tokenizer, delimiter: str) -> torch.Tensor | None:
@@ -92,118 +115,159 @@ class MonteCarloEstimate:
     metrics: dict[str, float]
 
 
-class MonteCarloValues:
-    """V^_MC for every step of every response of a :class:`rlkit.rollout.groups.Groups` batch.
+@dataclasses.dataclass
+class States:
+    """The states to estimate: the prompt plus a response prefix, each prefix of a prompt once.
 
-    ``reward`` is the run's reward (``reward(prompts, completions, **row_fields) ->
-    (totals, per_term)``); ``vine`` the ``algo.vine`` node (k, step_delimiter, step_tokens,
-    max_states); ``sampling`` the ``algo.sampling`` node (temperature, top_p, the length
-    budget): continuations are drawn exactly as the responses were.
+    prefixes: (S,) response tokens in each state's prefix; rows: (S,) the response it is a prefix of;
+    row_states: for each response, the state each of its steps starts from."""
+
+    prefixes: list[int]
+    rows: list[int]
+    row_states: list[list[int]]
+
+
+def distinct_states(step_ids: torch.Tensor, batch) -> States:
+    """The state before each step of each response; the same prefix of the same prompt is one state."""
+    lengths, responses = batch.rollout.response_lengths.tolist(), batch.rollout.response_ids.tolist()
+    group_index = batch.group_index.tolist()
+    state_of: dict[tuple, int] = {}
+    states = States([], [], [])
+    for row, ids in enumerate(step_ids.tolist()):
+        mine = []
+        for t in range(lengths[row]):
+            if t == 0 or ids[t] != ids[t - 1]:
+                key = (group_index[row], tuple(responses[row][:t]))
+                if key not in state_of:
+                    state_of[key] = len(states.prefixes)
+                    states.prefixes.append(t)
+                    states.rows.append(row)
+                mine.append(state_of[key])
+        states.row_states.append(mine)
+    return states
+
+
+class MonteCarloEstimator:
+    """V^_MC for every step of every response of an experience batch.
+
+    ``sample_fn(prompt_ids, num_samples=, max_new_tokens=, min_new_tokens=) -> Rollout`` draws the
+    continuations (the rollout backend, so that they come from the current policy exactly as the
+    responses did); ``score_fn(rows, prompts, completion_ids) -> (completions, totals, per_term)``
+    is the run's reward; ``max_new_tokens`` / ``min_new_tokens`` the responses' length budget.
     """
 
-    def __init__(self, tokenizer, reward, vine, sampling):
-        self.tokenizer, self.reward, self.sampling = tokenizer, reward, sampling
-        self.k, self.step_tokens, self.max_states = int(vine.k), int(vine.step_tokens), vine.max_states
-        self.boundary = delimiter_tokens(tokenizer, vine.step_delimiter)
-
-    @classmethod
-    def from_run(cls, run) -> MonteCarloValues:
-        return cls(run.tokenizer, run.reward, run.cfg.algo.vine, run.cfg.algo.sampling)
+    def __init__(
+        self,
+        tokenizer,
+        settings: MonteCarloSettings,
+        sample_fn: Callable,
+        score_fn: Callable,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+    ):
+        self.tokenizer, self.settings = tokenizer, settings
+        self.sample_fn, self.score_fn = sample_fn, score_fn
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.boundary = delimiter_tokens(tokenizer, settings.step_delimiter)
 
     def steps(self, rollout) -> torch.Tensor:
         return split_steps(
             rollout.response_ids,
             rollout.response_mask,
             boundary=self.boundary,
-            step_tokens=self.step_tokens,
+            step_tokens=self.settings.step_tokens,
             eos_token_id=self.tokenizer.eos_token_id,
-            max_steps=self.max_states,
+            max_steps=self.settings.max_states,
         )
 
     @torch.no_grad()
-    def __call__(self, model, groups) -> MonteCarloEstimate:
-        rollout, tokenizer, k = groups.rollout, self.tokenizer, self.k
+    def __call__(self, batch) -> MonteCarloEstimate:
+        rollout = batch.rollout
         step_ids = self.steps(rollout)
-        lengths = rollout.response_lengths.tolist()
-        responses = rollout.response_ids.tolist()
-        group_index = groups.group_index.tolist()
-
-        # the state before each step; the same prefix of the same prompt is one state
-        state_of: dict[tuple, int] = {}
-        prefixes, state_rows, row_states = [], [], []
-        for row, ids in enumerate(step_ids.tolist()):
-            states = []
-            for t in range(lengths[row]):
-                if t == 0 or ids[t] != ids[t - 1]:
-                    key = (group_index[row], tuple(responses[row][:t]))
-                    if key not in state_of:
-                        state_of[key] = len(prefixes)
-                        prefixes.append(t)
-                        state_rows.append(row)
-                    states.append(state_of[key])
-            row_states.append(states)
-
-        # prompt (left padding dropped) + response prefix, left-padded again
-        device = rollout.response_ids.device
-        parts = [
-            torch.cat([rollout.prompt_ids[row][rollout.prompt_mask[row].bool()], rollout.response_ids[row, :start]])
-            for row, start in zip(state_rows, prefixes)
-        ]
-        prefix_ids, prefix_mask = left_pad(parts, tokenizer.pad_token_id, device)
-        # each continuation completes its response within the response's own length budget
-        max_new, min_new = int(self.sampling.max_new_tokens), int(getattr(self.sampling, "min_new_tokens", 0))
-        continued = sample(
-            model,
-            prefix_ids,
-            prefix_mask,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            num_samples=k,
-            max_new_tokens=torch.tensor([max_new - start for start in prefixes], device=device),
-            min_new_tokens=torch.tensor([max(0, min_new - start) for start in prefixes], device=device),
-            temperature=self.sampling.temperature,
-            top_p=self.sampling.top_p,
-        )
-        kept, truncated = continued.response_lengths.tolist(), continued.truncated
-        continuation_ids = continued.response_ids.tolist()
-        completion_ids, rows, prompts = [], [], []
-        for i, (row, start) in enumerate(zip(state_rows, prefixes)):
-            for j in range(i * k, (i + 1) * k):
-                completion_ids.append(responses[row][:start] + continuation_ids[j][: kept[j]])
-                rows.append(groups.rows[row])
-                prompts.append(groups.prompts[row])
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        columns = {key: [r[key] for r in rows] for key in rows[0]}
-        totals, _ = self.reward(prompts, completions, completion_ids=completion_ids, **columns)
-        failures = self.reward.pop_failures() if hasattr(self.reward, "pop_failures") else {}
-        rewards = torch.tensor(totals, dtype=torch.float32, device=device).view(len(prefixes), k)
+        states = distinct_states(step_ids, batch)
+        continued, rewards = self.continue_states(batch, states)
         state_values = rewards.mean(-1)
-
         # back onto the tokens: every token carries the value of the state its step starts from
-        num_steps = max(len(s) for s in row_states)
-        step_state = torch.tensor([s + [0] * (num_steps - len(s)) for s in row_states], dtype=torch.long, device=device)
+        num_steps = max(len(s) for s in states.row_states)
+        padded = [s + [0] * (num_steps - len(s)) for s in states.row_states]
+        step_state = torch.tensor(padded, dtype=torch.long, device=state_values.device)
         values = state_values[step_state.gather(1, step_ids)] * rollout.response_mask
+        metrics = self.metrics(batch, states, state_values, continued)
+        return MonteCarloEstimate(values, step_ids, states.prefixes, states.rows, state_values, rewards, metrics)
 
-        num_states, num_rows = float(len(prefixes)), float(len(lengths))
-        totals_global = {
-            "states": all_reduce_sum(num_states),
-            "rows": all_reduce_sum(num_rows),
-            "steps": all_reduce_sum(float(sum(len(s) for s in row_states))),
-            "value_sum": all_reduce_sum(float(state_values.sum())),
-            "tokens": all_reduce_sum(float(sum(kept))),
-            "response_tokens": all_reduce_sum(float(rollout.response_mask.sum())),
-            "truncated": all_reduce_sum(float(truncated.sum())),
+    def continue_states(self, batch, states: States):
+        """K continuations of every state within its response's length budget, and their rewards (S, K)."""
+        rollout, k = batch.rollout, self.settings.k
+        responses = rollout.response_ids.tolist()
+        prompts = [rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() for row in states.rows]
+        continued = self.sample_fn(
+            [prompt + responses[row][:start] for prompt, row, start in zip(prompts, states.rows, states.prefixes)],
+            num_samples=k,
+            max_new_tokens=[self.max_new_tokens - start for start in states.prefixes],
+            min_new_tokens=[max(0, self.min_new_tokens - start) for start in states.prefixes],
+        )
+        kept, continuation_ids = continued.response_lengths.tolist(), continued.response_ids.tolist()
+        pairs = [(row, start) for row, start in zip(states.rows, states.prefixes) for _ in range(k)]
+        completion_ids = [
+            responses[row][:start] + ids[:n] for (row, start), ids, n in zip(pairs, continuation_ids, kept)
+        ]
+        _, totals, _ = self.score_fn(
+            [batch.rows[r] for r, _ in pairs], [batch.prompts[r] for r, _ in pairs], completion_ids
+        )
+        rewards = torch.tensor(totals, dtype=torch.float32, device=rollout.response_ids.device).view(
+            len(states.prefixes), k
+        )
+        return continued, rewards
+
+    def metrics(self, batch, states: States, state_values: torch.Tensor, continued) -> dict[str, float]:
+        """``vine/*`` counts and means over all processes."""
+        total = {
+            "states": float(len(states.prefixes)),
+            "rows": float(len(batch)),
+            "steps": float(sum(len(s) for s in states.row_states)),
+            "value_sum": float(state_values.sum()),
+            "tokens": float(continued.response_lengths.sum()),
+            "response_tokens": float(batch.rollout.response_mask.sum()),
+            "truncated": float(continued.truncated.sum()),
         }
-        continuations = totals_global["states"] * k
-        metrics = {
-            "vine/states": totals_global["states"],
+        total = {key: all_reduce_sum(value) for key, value in total.items()}
+        continuations = total["states"] * self.settings.k
+        return {
+            "vine/states": total["states"],
             "vine/continuations": continuations,
-            "vine/continuations_per_response": continuations / max(totals_global["rows"], 1.0),
-            "vine/continuation_tokens_per_response_token": totals_global["tokens"]
-            / max(totals_global["response_tokens"], 1.0),
-            "vine/steps_per_response": totals_global["steps"] / max(totals_global["rows"], 1.0),
-            "vine/value_mean": totals_global["value_sum"] / max(totals_global["states"], 1.0),
-            "vine/continuation_truncated_frac": totals_global["truncated"] / max(continuations, 1.0),
+            "vine/continuations_per_response": continuations / max(total["rows"], 1.0),
+            "vine/continuation_tokens_per_response_token": total["tokens"] / max(total["response_tokens"], 1.0),
+            "vine/steps_per_response": total["steps"] / max(total["rows"], 1.0),
+            "vine/value_mean": total["value_sum"] / max(total["states"], 1.0),
+            "vine/continuation_truncated_frac": total["truncated"] / max(continuations, 1.0),
         }
-        metrics.update({f"vine/reward_failures/{name}": all_reduce_sum(float(n)) for name, n in failures.items()})
-        return MonteCarloEstimate(values, step_ids, prefixes, state_rows, state_values, rewards, metrics)
+
+
+@VALUE_SOURCES.register("monte_carlo", MonteCarloSettings)
+class MonteCarloValues(ValueSource):
+    """VinePPO's values (module docstring), sampled with the loop's rollout backend and scored
+    with the run's reward; their reward failures are reported as ``vine/reward_failures/<term>``."""
+
+    provides = ("values", "step_ids")
+
+    def __init__(self, loop, settings, start_dir: str):
+        super().__init__(loop, settings, start_dir)
+        run = loop.run
+        self.estimator = MonteCarloEstimator(
+            run.tokenizer,
+            settings,
+            loop.rollout.sample,
+            run.score,
+            run.max_new_tokens,
+            loop.settings.sampling.min_new_tokens,
+        )
+
+    def estimate(self, batch, timer) -> dict[str, float]:
+        with timer.phase("mc_values"):
+            estimate = self.estimator(batch)
+        batch.values, batch.step_ids = estimate.values, estimate.step_ids
+        failures = self.loop.run.reward.pop_failures()
+        return {
+            **estimate.metrics,
+            **{f"vine/reward_failures/{name}": all_reduce_sum(float(n)) for name, n in failures.items()},
+        }

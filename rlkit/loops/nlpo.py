@@ -4,9 +4,9 @@ Language Policy Optimization", ICLR 2023, arXiv:2210.01241, Algorithm 1): PPO wh
 a masked action space.
 
 A *mask policy* pi_psi, a frozen copy of the policy, defines at every state the top-p token set
-M_psi(s) (``algo.nlpo.top_p``). The policy samples only from that set (its other logits are -inf,
+M_psi(s) (``algo.mask.top_p``). The policy samples only from that set (its other logits are -inf,
 what is left renormalised), and PPO's log-probs, ratios and entropies are those of the same masked
-distribution pi_theta^M (rlkit.algos.token_masks). Every ``algo.nlpo.mask_update_every`` steps
+distribution pi_theta^M (rlkit.algos.token_masks). Every ``algo.mask.update_every`` steps
 (mu) the mask policy is copied from the policy again, after that step's update (Algorithm 1's last
 line: pi_psi <- pi_theta_{m+1} every mu iterations). The critic, GAE and everything else are PPO's,
 unchanged (this loop only overrides how log-probs are computed, adds a rollout processor and
@@ -34,18 +34,53 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 from rlkit.algos.token_masks import masked_log_probs, top_p_mask
 from rlkit.engine import is_main_process, mean_over_ranks
-from rlkit.loops.policy_gradient import PolicyGradientLoop
+from rlkit.loops.policy_gradient import PolicyGradientLoop, PolicyGradientSettings
 from rlkit.loops.registry import LOOPS
 from rlkit.models.kv_cache import cache_argument, output_cache
 from rlkit.rollout.logprobs import position_ids_from_mask, response_logits
 from rlkit.run import load_frozen
+from rlkit.settings import Checked
 
 MASK_POSITIONS_PER_CHUNK = 1 << 26  # (rows x positions x vocab) elements sorted at once when computing masks
+
+
+@dataclass
+class MaskPolicySettings(Checked):
+    """NLPO's mask policy (``algo.mask``): a copy of the policy, refreshed every ``update_every``
+    steps, whose top-p token set is the only set the policy may sample from."""
+
+    top_p: float = 0.9  # p of the mask policy's top-p set (paper / RL4LMs' NLPO configs: 0.9); 1 = no mask (plain PPO)
+    update_every: int = (
+        5  # mu: steps between copies of the policy into the mask policy (RL4LMs: 5 on IMDB, 20 on CommonGen)
+    )
+    min_tokens_to_keep: int = (
+        1  # the set keeps at least this many tokens (1 = plain top-p; RL4LMs' implementation: 100)
+    )
+    keep_eos: bool = True  # EOS is always allowed (RL4LMs un-masks the special tokens; the paper does not say)
+
+    def check(self) -> None:
+        self.require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        self.require_at_least_one("update_every", "min_tokens_to_keep")
+
+
+@dataclass
+class NLPOSettings(PolicyGradientSettings):
+    mask: MaskPolicySettings = field(default_factory=MaskPolicySettings)
+
+    def check(self) -> None:
+        super().check()
+        self.require(
+            self.sampling.top_p == 1,
+            "sampling.top_p",
+            "NLPO's log-probs are those of the mask policy's top-p set "
+            "alone: truncate with algo.mask.top_p and leave algo.sampling.top_p at 1",
+        )
 
 
 def mask_policy_set(
@@ -175,11 +210,11 @@ class MaskPolicyProcessor:
         self.policy_mass += float(((probs * allowed).sum(-1) * active).sum())
 
 
-@LOOPS.register("nlpo")
+@LOOPS.register("nlpo", NLPOSettings)
 class NLPOLoop(PolicyGradientLoop):
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
-        self.nlpo = self.algo.nlpo
+        self.nlpo = self.settings.mask
         self.mask_model = load_frozen(
             run, reference_source, self.engine.device
         )  # the architecture; the weights come next
@@ -190,23 +225,22 @@ class NLPOLoop(PolicyGradientLoop):
         self.processors: list[MaskPolicyProcessor] = []
         self.targets_outside = [0.0, 0.0]  # response tokens whose recomputed mask lacked them, response tokens scored
 
-    def step(self, step: int, timer):
-        metrics, samples = super().step(step, timer)
-        metrics.update(self.mask_metrics())
-        metrics["nlpo/mask_age"] = float(
-            step - 1 - self.mask_refreshed_at
-        )  # updates the policy made since pi_psi was copied (0: pi_psi = pi_theta_old)
-        refresh = step % self.nlpo.mask_update_every == 0
+    def after_update(self, step: int, timer) -> dict[str, float]:
+        """Algorithm 1's last line: pi_psi <- pi_theta every ``mask.update_every`` steps."""
+        metrics = self.mask_metrics()
+        # updates the policy made since pi_psi was copied (0: pi_psi = pi_theta_old)
+        metrics["nlpo/mask_age"] = float(step - 1 - self.mask_refreshed_at)
+        refresh = step % self.nlpo.update_every == 0
         if refresh:
             with timer.phase("mask_refresh"):
                 copy_weights(self.engine.module, self.mask_model)
             self.mask_refreshed_at = step
         metrics["nlpo/mask_refreshed"] = float(refresh)
-        return metrics, samples
+        return metrics
 
     def rollout_logits_processor(self) -> MaskPolicyProcessor:
         tokenizer = self.run.tokenizer
-        sampling = self.algo.sampling
+        sampling = self.settings.sampling
         processor = MaskPolicyProcessor(
             self.mask_model,
             self.nlpo,
@@ -234,7 +268,7 @@ class NLPOLoop(PolicyGradientLoop):
             logits,
             targets,
             allowed,
-            self.algo.sampling.temperature,
+            self.settings.sampling.temperature,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
         )
@@ -248,7 +282,7 @@ class NLPOLoop(PolicyGradientLoop):
         boundary (counted in ``nlpo/target_outside_mask_frac``); without it the log-prob is -inf."""
         mask_logits = response_logits(self.mask_model, sequences, attention, targets.shape[1])
         chunk = max(1, MASK_POSITIONS_PER_CHUNK // (mask_logits.shape[0] * mask_logits.shape[-1]))
-        eos, sampling = self.run.tokenizer.eos_token_id, self.algo.sampling
+        eos, sampling = self.run.tokenizer.eos_token_id, self.settings.sampling
         eos_banned = torch.arange(targets.shape[1], device=targets.device) < sampling.min_new_tokens
         allowed = torch.cat(
             [

@@ -1,224 +1,206 @@
-"""Online policy-gradient RL from groups of sampled responses (GRPO and kin, PPO).
+"""Online policy-gradient RL from groups of sampled responses (GRPO and kin, PPO, ReMax, VinePPO).
 
-rollout -> reward -> log-probs (and critic values) -> advantages -> update. Which
-estimator, loss, aggregation, KL and critic are used is config; this file never
-branches on an algorithm.
+One step is a sequence of stages over one :class:`~rlkit.loops.experience.Experience` batch:
+
+    sample (rollout backend) -> reward -> group filter -> log-probs -> values -> advantages -> update
+
+Which backend, filter, value source, estimator, loss, aggregation and KL are used is config
+(each a registered component with its own settings); this file never branches on an algorithm.
+Loops that change a stage (T-PPO's windows, NLPO's masked action space) subclass this one and
+override that stage.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+from typing import Any
 
-from rlkit.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, AdvantageInputs, aggregate_loss
-from rlkit.algos.kl import adaptive_kl_coef
-from rlkit.algos.masked import group_stats, masked_mean
+import torch
+from omegaconf import MISSING
+
+from rlkit.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageInputs
+from rlkit.algos.kl import KLSettings, adaptive_kl_coef
+from rlkit.algos.masked import explained_variance, group_stats, masked_mean
 from rlkit.algos.policy_losses import optional_inputs
 from rlkit.algos.reward_norm import RunningMoments, batch_moments, normalise_scores
-from rlkit.engine import (
-    all_gather_objects,
-    all_reduce_sum,
-    mean_over_ranks,
-    optimizer_step,
-    split_micro_batches,
-    world_size,
-)
-from rlkit.loops.critic import Critic
-from rlkit.loops.mc_values import MonteCarloValues
-from rlkit.loops.registry import LOOPS, Loop
+from rlkit.engine import all_gather_objects, all_reduce_sum
+from rlkit.loops.experience import Experience
+from rlkit.loops.group_filters import GROUP_FILTERS
+from rlkit.loops.registry import LOOPS, Loop, LoopSettings, SamplingSettings
+from rlkit.loops.update import PolicyUpdate
+from rlkit.loops.values import VALUE_SOURCES
 from rlkit.metrics import mean_std
-from rlkit.models.value_head import attach_value_head
-from rlkit.rollout import generate, token_log_probs
-from rlkit.rollout.generate import decode_responses
-from rlkit.rollout.groups import Groups
+from rlkit.rollout import token_log_probs
+from rlkit.rollout.backends import ROLLOUTS
 from rlkit.run import load_frozen, make_engine
 
 
-@LOOPS.register("policy_gradient")
+@dataclass
+class PolicyGradientSettings(LoopSettings):
+    group_size: int = 8  # samples per prompt
+    update_epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimizer steps per epoch over one rollout batch
+    loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
+    reward_norm: str = "none"  # none | batch (whiten scores over the batch) | running (running mean/std, PPO-max)
+    reward_clip: float = 0.0  # clip normalised scores into [-c, c] (PPO-max: 5 after normalisation); 0 = off
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    kl: KLSettings = field(default_factory=KLSettings)
+    advantage: Any = MISSING  # advantage estimator (algo/advantage=...)
+    policy_loss: Any = MISSING  # policy loss (algo/policy_loss=...)
+    values: Any = MISSING  # value source (algo/values=none | critic | value_head | monte_carlo | greedy)
+    group_filter: Any = MISSING  # what happens to sampled groups before training (algo/group_filter=none | dynamic)
+
+    def check(self) -> None:
+        self.require_at_least_one("group_size", "update_epochs", "minibatches")
+        self.require_non_negative("entropy_coef", "reward_clip")
+        self.require_choice("loss_agg", LOSS_AGGREGATIONS.names())
+        self.require_choice("reward_norm", ("none", "batch", "running"))
+        estimator = ADVANTAGE_ESTIMATORS.get(self.advantage.name)
+        reads, provided = set(getattr(estimator, "inputs", ())), set(VALUE_SOURCES.get(self.values.name).provides)
+        self.require(
+            reads == provided,
+            "values",
+            f"advantage '{self.advantage.name}' reads {sorted(reads) or 'no values'}, "
+            f"and this value source provides {sorted(provided) or 'none'}",
+        )
+        self.require(
+            self.group_size > 1 or not getattr(estimator, "compares_within_groups", False),
+            "group_size",
+            f"advantage '{self.advantage.name}' compares the samples of a prompt: a group of one gets advantage 0",
+        )
+        pairwise = "group_index" in optional_inputs(POLICY_LOSSES.get(self.policy_loss.name))
+        self.require(
+            self.group_size == 2 or not pairwise,
+            "group_size",
+            f"policy loss '{self.policy_loss.name}' compares the two responses of a prompt: set algo.group_size=2",
+        )
+        raw = self.reward_norm == "none" and self.reward_clip == 0
+        self.require(
+            raw or "step_ids" not in provided,
+            "reward_norm",
+            "Monte-Carlo values are in raw reward units, so the scores must be too: reward_norm=none, reward_clip=0",
+        )
+
+
+@LOOPS.register("policy_gradient", PolicyGradientSettings)
 class PolicyGradientLoop(Loop):
     def __init__(self, run, model, reference_source: str):
         super().__init__(run)
-        cfg, algo = run.cfg, run.cfg.algo
-        self.algo = algo
-        samples_global = cfg.trainer.prompts_per_step_global * algo.group_size
-        optimizer_steps = cfg.trainer.max_steps * algo.update_epochs * algo.minibatches
-        if algo.critic.type == "shared_head":
-            attach_value_head(model)
+        s = self.settings
+        self.optimizer_steps = run.cfg.trainer.max_steps * s.update_epochs * s.minibatches
+        values_cls = VALUE_SOURCES.get(s.values.name)
+        values_cls.prepare(model, s.values)
         self.engine = make_engine(
-            run, model, lr=algo.lr, batch_size_global=samples_global // algo.minibatches, total_steps=optimizer_steps
+            run,
+            model,
+            optim=self.optim(),
+            batch_size_global=self.minibatch_size_global(),
+            total_steps=self.optimizer_steps,
         )
-        self.critic = (
-            None
-            if algo.critic.type == "none"
-            else Critic(run, self.engine, reference_source, samples_global // algo.minibatches, optimizer_steps)
-        )
-        # VinePPO: Monte-Carlo values of each response step from extra policy continuations (algo.vine.k > 0), in the critic's place
-        self.mc_values = MonteCarloValues.from_run(run) if algo.vine.k else None
-        self.policy_loss_fn = POLICY_LOSSES.get(algo.policy_loss)
+        self.rollout = build_rollout(run, self.engine.module, s.sampling)
+        self.values = values_cls(self, s.values, reference_source)
+        self.filter_groups = GROUP_FILTERS.get(s.group_filter.name)
+        self.policy_loss_fn = POLICY_LOSSES.get(s.policy_loss.name)
         self.loss_inputs = optional_inputs(
             self.policy_loss_fn
         )  # extra inputs this loss names (reference log-probs, groups)
-        needs_reference = algo.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
+        needs_reference = s.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
         self.reference = load_frozen(run, reference_source, self.engine.device) if needs_reference else None
-        self.kl_coef = algo.kl.coef  # adapted each step when algo.kl.target is set
+        self.kl_coef = s.kl.coef  # adapted each step when algo.kl.target is set
         self.reward_moments = RunningMoments()
-        self.advantage_fn = ADVANTAGE_ESTIMATORS.get(algo.advantage)
-        self.kl_fn = KL_ESTIMATORS.get(algo.kl.estimator)
-        # rows with all-zero advantages add no gradient when the loss vanishes there and nothing else trains on them
-        self.skip_zero_advantage_rows = (
-            getattr(self.policy_loss_fn, "vanishes_at_zero_advantage", False)
-            and algo.entropy_coef == 0
-            and (self.reference is None or algo.kl.placement != "loss")
-            and algo.critic.type != "shared_head"
-        )
+        self.advantage_fn = ADVANTAGE_ESTIMATORS.get(s.advantage.name)
+        self.kl_fn = KL_ESTIMATORS.get(s.kl.estimator)
         self.needs_old_log_probs = (
-            algo.update_epochs > 1
-            or algo.minibatches > 1
-            or algo.kl.target is not None
-            or (self.reference is not None and algo.kl.placement == "reward")
+            s.update_epochs > 1
+            or s.minibatches > 1
+            or s.kl.target is not None
+            or (self.reference is not None and s.kl.placement == "reward")
         )
+
+    def minibatch_size_global(self) -> int:
+        """Samples per optimizer step over all processes."""
+        s = self.settings
+        return self.run.cfg.trainer.prompts_per_step_global * s.group_size // s.minibatches
 
     def step(self, step: int, timer):
-        run, algo = self.run, self.algo
-        groups = self.sample_groups(self.next_rows(run.cfg.trainer.prompts_per_step_global), timer)
-        metrics = rollout_metrics(groups)
-        if algo.dynamic_sampling:
-            groups, sampling_metrics = self.refill(groups, timer)
-            metrics.update(sampling_metrics)
-        metrics.update(
-            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()}
-        )
-        rollout = groups.rollout
+        batch, metrics = self.collect(timer)
         with timer.phase("log_probs"):
-            old_log_probs = self.score(self.engine, rollout) if self.needs_old_log_probs else None
-            ref_log_probs = self.score(self.reference, rollout) if self.reference is not None else None
-            old_values = self.critic.values(rollout) if self.critic is not None else None
-        step_ids = None
-        if self.mc_values is not None:
-            with timer.phase("mc_values"):
-                estimate = self.mc_values(self.engine.module, groups)
-            old_values, step_ids = estimate.values, estimate.step_ids
-            metrics.update(estimate.metrics)
+            self.score_tokens(batch)
+        metrics.update(self.values.estimate(batch, timer))
         with timer.phase("advantages"):
-            scores = self.normalised_scores(torch.tensor(groups.totals, dtype=torch.float32, device=self.engine.device))
-            baseline = (
-                None
-                if groups.baseline is None
-                else torch.tensor(groups.baseline, dtype=torch.float32, device=scores.device)
-            )
-            token_rewards = self.token_rewards(scores, rollout.response_mask, old_log_probs, ref_log_probs)
-            inputs = AdvantageInputs(
-                token_rewards,
-                rollout.response_mask,
-                groups.group_index.to(scores.device),
-                values=old_values,
-                baseline_scores=baseline,
-                step_ids=step_ids,
-            )
-            advantages, returns = self.advantage_fn(inputs, algo)
+            self.estimate_advantages(batch)
         with timer.phase("update"):
-            train_policy = step > algo.critic.pretrain_steps
-            metrics.update(
-                self.update(
-                    rollout,
-                    inputs.group_index,
-                    advantages,
-                    old_log_probs,
-                    ref_log_probs,
-                    returns,
-                    old_values,
-                    train_policy,
-                )
-            )
-        metrics.update(self.control_kl(old_log_probs, ref_log_probs, rollout.response_mask))
-        metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), rollout.response_mask))
-        if old_values is not None:
-            metrics["critic/explained_variance"] = explained_variance(old_values, returns, rollout.response_mask)
-        metrics["tokens"] = all_reduce_sum(float(rollout.attention_mask.sum()))
-        samples = [
-            {"prompt": p, "completion": c, "reward": r, "answer": row.get("answer", "")}
-            for p, c, r, row in zip(groups.prompts, groups.completions, groups.totals, groups.rows)
-        ]
-        return metrics, samples
+            metrics.update(PolicyUpdate(self, batch).run(train_policy=self.values.trains_policy(step)))
+        metrics.update(self.after_update(step, timer))
+        metrics.update(self.control_kl(batch))
+        metrics.update(batch_metrics(batch))
+        return metrics, batch.samples()
 
-    def sample_groups(self, rows: list[dict], timer) -> Groups:
-        """``group_size`` responses per prompt, scored (plus a greedy baseline when asked)."""
-        run, algo, tokenizer = self.run, self.algo, self.run.tokenizer
+    # ------------------------------------------------------------------ stages
+
+    def collect(self, timer) -> tuple[Experience, dict[str, float]]:
+        """Sample and score a batch of groups; the group filter may replace some (DAPO)."""
+        prompts_global = self.run.cfg.trainer.prompts_per_step_global
+        batch = self.sample(self.next_rows(prompts_global), timer)
+        metrics = rollout_metrics(batch)
+        batch, filter_metrics = self.filter_groups(
+            batch,
+            lambda: self.sample(self.next_rows(prompts_global), timer),
+            self.settings.group_filter,
+            self.run.tokenizer.pad_token_id,
+        )
+        metrics.update(filter_metrics)
+        metrics.update(
+            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in self.run.reward.pop_failures().items()}
+        )
+        return batch, metrics
+
+    def sample(self, rows: list[dict], timer) -> Experience:
+        """``group_size`` responses to each row's prompt from the rollout backend, scored by the reward."""
+        run, size = self.run, self.settings.group_size
         prompts = run.prompts(rows)
         with timer.phase("rollout"):
-            rollout = generate(
-                self.engine.module,
-                tokenizer,
-                prompts,
-                num_samples=algo.group_size,
-                max_new_tokens=algo.sampling.max_new_tokens,
-                min_new_tokens=algo.sampling.min_new_tokens,
-                temperature=algo.sampling.temperature,
-                top_p=algo.sampling.top_p,
+            rollout = self.rollout.sample(
+                run.encode(prompts),
+                num_samples=size,
+                max_new_tokens=run.max_new_tokens,
                 logits_processor=self.rollout_logits_processor(),
             )
-            greedy = (
-                generate(
-                    self.engine.module,
-                    tokenizer,
-                    prompts,
-                    num_samples=1,
-                    max_new_tokens=algo.sampling.max_new_tokens,
-                    greedy=True,
-                )
-                if algo.baseline_rollout == "greedy"
-                else None
-            )
         with timer.phase("reward"):
-            repeat = lambda values: [v for v in values for _ in range(algo.group_size)]  # noqa: E731
-            sample_rows, sample_prompts = repeat(rows), repeat(prompts)
-            completions = decode_responses(tokenizer, rollout)
-            totals, per_term = run.reward(
-                sample_prompts, completions, completion_ids=rollout.completion_ids(), **run.columns(sample_rows)
-            )
-            baseline = None
-            if greedy is not None:
-                greedy_totals, _ = run.reward(
-                    prompts,
-                    decode_responses(tokenizer, greedy),
-                    completion_ids=greedy.completion_ids(),
-                    **run.columns(rows),
-                )
-                baseline = repeat(greedy_totals)
-        return Groups(
-            sample_rows,
-            sample_prompts,
-            rollout.to(self.engine.device),
-            completions,
-            totals,
-            per_term,
-            baseline,
-            algo.group_size,
+            sample_rows, sample_prompts = repeat(rows, size), repeat(prompts, size)
+            completions, totals, per_term = run.score(sample_rows, sample_prompts, rollout.completion_ids())
+        return Experience(
+            sample_rows, sample_prompts, rollout.to(self.engine.device), completions, totals, per_term, size
         )
 
-    def refill(self, groups: Groups, timer) -> tuple[Groups, dict[str, float]]:
-        """DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2): keep groups whose rewards
-        differ, sample more prompts until the batch is full or ``max_sampling_rounds``
-        is reached, then fill any shortfall with dropped groups (they add no policy
-        gradient). Every process runs the same number of rounds."""
-        target = groups.num_groups
-        kept, dropped = groups.split_by_variance()
-        parts_kept, parts_dropped, rounds = [kept], [dropped], 1
-        while (
-            rounds < self.algo.max_sampling_rounds
-            and all_reduce_sum(float(sum(p.num_groups for p in parts_kept) < target)) > 0
-        ):
-            more = self.sample_groups(self.next_rows(self.run.cfg.trainer.prompts_per_step_global), timer)
-            kept, dropped = more.split_by_variance()
-            parts_kept.append(kept)
-            parts_dropped.append(dropped)
-            rounds += 1
-        num_kept = sum(p.num_groups for p in parts_kept)
-        merged = Groups.concat([p for p in parts_kept + parts_dropped if p.num_groups], self.run.tokenizer.pad_token_id)
-        metrics = {
-            "sampling/rounds": float(rounds),
-            "sampling/kept_group_frac": mean_over_ranks({"f": min(num_kept, target) / target})["f"],
-        }
-        return merged.first_groups(target), metrics
+    def score_tokens(self, batch: Experience) -> None:
+        """Log-probs of the sampled tokens under the sampling policy (when the update needs them
+        apart from its own forward) and under the frozen reference (when a KL term reads them)."""
+        if self.needs_old_log_probs:
+            batch.old_log_probs = self.score(self.engine, batch.rollout)
+        if self.reference is not None:
+            batch.ref_log_probs = self.score(self.reference, batch.rollout)
+
+    def estimate_advantages(self, batch: Experience) -> None:
+        scores = self.normalised_scores(torch.tensor(batch.scores, dtype=torch.float32, device=self.engine.device))
+        batch.token_rewards = self.token_rewards(scores, batch)
+        inputs = AdvantageInputs(
+            batch.token_rewards,
+            batch.response_mask,
+            batch.group_index.to(scores.device),
+            values=batch.values,
+            baseline_scores=batch.baseline_scores,
+            step_ids=batch.step_ids,
+            bootstrap_values=batch.bootstrap_values,
+        )
+        batch.advantages, batch.returns = self.advantage_fn(inputs, self.settings.advantage)
+
+    def after_update(self, step: int, timer) -> dict[str, float]:
+        """Hook run after the policy's update of step ``step`` (NLPO refreshes its mask policy); its metrics."""
+        return {}
+
+    # ------------------------------------------------------------------ pieces the stages share
 
     def rollout_logits_processor(self):
         """Hook for loops whose policy samples from a reshaped distribution (NLPO's masked action
@@ -234,7 +216,7 @@ class PolicyGradientLoop(Loop):
             rollout.sequences[index],
             rollout.attention_mask[index],
             rollout.response_ids.shape[1],
-            self.algo.sampling.temperature,
+            self.settings.sampling.temperature,
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
         )
@@ -247,163 +229,50 @@ class PolicyGradientLoop(Loop):
             [self.log_probs(model, rollout, slice(i, i + micro))[0] for i in range(0, len(rollout), micro)]
         )
 
-    def token_rewards(self, scores, response_mask, old_log_probs, ref_log_probs) -> torch.Tensor:
+    def token_rewards(self, scores: torch.Tensor, batch: Experience) -> torch.Tensor:
         """The score on each response's last token, minus ``beta * KL`` per token
         when the KL penalty is placed in the reward."""
-        last = (response_mask.sum(-1) - 1).clamp(min=0)
-        rewards = torch.zeros(response_mask.shape, dtype=torch.float32, device=scores.device)
+        mask = batch.response_mask
+        last = (mask.sum(-1) - 1).clamp(min=0)
+        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=scores.device)
         rewards[torch.arange(len(scores)), last] = scores
-        if ref_log_probs is not None and self.algo.kl.placement == "reward":
-            rewards -= self.kl_coef * self.kl_fn(old_log_probs, ref_log_probs) * response_mask
+        if batch.ref_log_probs is not None and self.settings.kl.placement == "reward":
+            rewards -= self.kl_coef * self.kl_fn(batch.old_log_probs, batch.ref_log_probs) * mask
         return rewards
 
     def normalised_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Scores whitened by running or batch statistics and clipped, as ``reward_norm``
         and ``reward_clip`` say (PPO-max); unchanged by default."""
-        algo = self.algo
-        if algo.reward_norm == "running":
+        s = self.settings
+        if s.reward_norm == "running":
             self.reward_moments.update(scores)
             mean, var = self.reward_moments.mean, self.reward_moments.var
-        elif algo.reward_norm == "batch":
+        elif s.reward_norm == "batch":
             mean, var = batch_moments(scores)
-        elif algo.reward_clip:
-            return scores.clamp(-algo.reward_clip, algo.reward_clip)
+        elif s.reward_clip:
+            return scores.clamp(-s.reward_clip, s.reward_clip)
         else:
             return scores
-        return normalise_scores(scores, mean, var, algo.reward_clip)
+        return normalise_scores(scores, mean, var, s.reward_clip)
 
-    def control_kl(self, old_log_probs, ref_log_probs, response_mask) -> dict[str, float]:
+    def control_kl(self, batch: Experience) -> dict[str, float]:
         """Log the KL per response of this step's rollouts and, with ``kl.target`` set,
         adapt the KL coefficient toward it (Ziegler et al. 2019)."""
-        if ref_log_probs is None or old_log_probs is None:
+        if batch.ref_log_probs is None or batch.old_log_probs is None:
             return {}
-        num_samples = all_reduce_sum(float(len(response_mask)))
-        kl = all_reduce_sum(float(((old_log_probs - ref_log_probs) * response_mask).sum())) / num_samples
-        metrics = {"kl/response_kl": kl, "kl/coef": self.kl_coef}
-        if self.algo.kl.target is not None:
-            self.kl_coef = adaptive_kl_coef(
-                self.kl_coef, kl, self.algo.kl.target, self.algo.kl.horizon, int(num_samples)
-            )
-        return metrics
-
-    def update(
-        self, rollout, group_index, advantages, old_log_probs, ref_log_probs, returns, old_values, train_policy: bool
-    ) -> dict[str, float]:
-        """``update_epochs`` passes of ``minibatches`` optimizer steps over the rollout: the
-        policy loss (unless the critic is still pre-training) and, with a critic, the value
-        loss (added to the policy's loss on a shared trunk, else stepped on its own engine)."""
-        algo, size = self.algo, len(rollout)
-        critic = self.critic
-        sums: dict[str, list[float]] = {}
-        grad_norms, critic_grad_norms = [], []
-        policy_objective = [
-            0.0
-        ]  # summed over micro-batches and ranks: the minibatch's policy loss, however it is split
-
-        def record(stats: dict, prefix: str, mask) -> None:
-            weight = float(mask.sum())
-            for key, value in stats.items():
-                total = sums.setdefault(prefix + key, [0.0, 0.0])
-                total[0] += float(value.detach()) * weight
-                total[1] += weight
-
-        def policy_loss(index, counts):
-            mask = rollout.response_mask[index]
-            log_prob, entropy = self.log_probs(
-                self.engine, rollout, index, with_entropy=True, entropy_grad=algo.entropy_coef != 0
-            )
-            old = old_log_probs[index] if old_log_probs is not None else log_prob.detach()
-            extras = {
-                name: {"ref_log_prob": ref_log_probs, "group_index": group_index}[name][index]
-                for name in self.loss_inputs
-            }
-            loss, stats = self.policy_loss_fn(log_prob, old, advantages[index], mask, algo, **extras)
-            policy_objective[0] += float(
-                aggregate_loss(loss.detach(), mask, algo.loss_agg, *counts)
-            )  # this micro-batch's share
-            if ref_log_probs is not None:
-                kl = self.kl_fn(log_prob, ref_log_probs[index])
-                stats["kl"] = masked_mean(kl, mask)
-                if algo.kl.placement == "loss":
-                    loss = loss + self.kl_coef * kl
-            if algo.entropy_coef:
-                loss = loss - algo.entropy_coef * entropy
-            stats["entropy"] = masked_mean(entropy, mask)
-            record(stats, "actor/", mask)
-            return aggregate_loss(loss, mask, algo.loss_agg, *counts)
-
-        def value_loss(index, counts):
-            loss, stats = critic.loss(index, rollout, returns, old_values, counts)
-            record(stats, "critic/", rollout.response_mask[index])
-            return loss
-
-        def engine_loss(index, counts):
-            loss = policy_loss(index, counts) if train_policy else 0.0
-            return loss + algo.critic.coef * value_loss(index, counts) if critic is not None and critic.shared else loss
-
-        # whole groups stay in one micro-batch where the minibatches allow: they share one prompt pass (pairwise losses need them)
-        unit = (
-            algo.group_size
-            if "group_index" in self.loss_inputs or (size // algo.group_size) % algo.minibatches == 0
-            else 1
+        num_samples = all_reduce_sum(float(len(batch)))
+        kl = (
+            all_reduce_sum(float(((batch.old_log_probs - batch.ref_log_probs) * batch.response_mask).sum()))
+            / num_samples
         )
-        skipped = [0, 0]
-        for _ in range(algo.update_epochs):
-            order = (torch.randperm(size // unit)[:, None] * unit + torch.arange(unit)).flatten()
-            for minibatch in order.split(size // algo.minibatches):
-                counts = (
-                    all_reduce_sum(float(rollout.response_mask[minibatch].sum())),
-                    len(minibatch) * world_size(),
-                    algo.sampling.max_new_tokens,
-                )
-                units = minibatch.view(-1, unit)
-                micro_batches = [
-                    units[i].flatten()
-                    for i in split_micro_batches(len(units), self.engine.gradient_accumulation_steps())
-                ]
-                if train_policy or (critic is not None and critic.shared):
-                    policy_batches = (
-                        self.rows_with_gradient(minibatch, advantages, rollout.response_mask)
-                        if self.skip_zero_advantage_rows
-                        else micro_batches
-                    )
-                    skipped[0] += len(minibatch) - sum(len(b) for b in policy_batches)
-                    skipped[1] += len(minibatch)
-                    grad_norms.append(
-                        optimizer_step(self.engine, policy_batches, lambda index: engine_loss(index, counts))
-                    )
-                if critic is not None and not critic.shared:
-                    critic_grad_norms.append(
-                        optimizer_step(critic.engine, micro_batches, lambda index: value_loss(index, counts))
-                    )
-        metrics = mean_over_ranks({key: total / max(weight, 1.0) for key, (total, weight) in sums.items()})
-        for key, norms in (("actor/grad_norm", grad_norms), ("critic/grad_norm", critic_grad_norms)):
-            if norms:
-                metrics[key] = sum(norms) / len(norms)
-        if train_policy and grad_norms:
-            metrics["actor/pg_loss"] = all_reduce_sum(policy_objective[0]) / len(
-                grad_norms
-            )  # mean over optimizer steps
-        metrics["actor/lr"] = self.engine.get_lr()[0]
-        if skipped[1]:
-            metrics["actor/skipped_zero_advantage_frac"] = mean_over_ranks({"f": skipped[0] / skipped[1]})["f"]
+        metrics = {"kl/response_kl": kl, "kl/coef": self.kl_coef}
+        kl_settings = self.settings.kl
+        if kl_settings.target is not None:
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, kl, kl_settings.target, kl_settings.horizon, int(num_samples))
         return metrics
-
-    def rows_with_gradient(
-        self, rows: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
-    ) -> list[torch.Tensor]:
-        """``rows`` split into the engine's micro-batches, leaving out responses whose
-        advantages are all zero: under a loss that vanishes there (and nothing else
-        trained on them) they add exactly no gradient, so their forward and backward are
-        skipped. The loss keeps its global normalisation, so the update is unchanged.
-        Each micro-batch keeps at least one row (DeepSpeed steps every micro-batch)."""
-        num_micro_batches = self.engine.gradient_accumulation_steps()
-        active = ((advantages[rows] * response_mask[rows]) != 0).any(-1)
-        kept = torch.cat([rows[active], rows[~active][: max(0, num_micro_batches - int(active.sum()))]])
-        return [kept[part] for part in split_micro_batches(len(kept), num_micro_batches)]
 
     def extra_engines(self) -> dict:
-        return self.critic.extra_engines() if self.critic is not None else {}
+        return self.values.extra_engines()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kl_coef": self.kl_coef, "reward_moments": self.reward_moments.state_dict()}
@@ -414,28 +283,40 @@ class PolicyGradientLoop(Loop):
         self.reward_moments = RunningMoments(**state.get("reward_moments", {}))
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(R - V) / Var(R) over response tokens: 1 for a perfect critic, <= 0 for a useless one."""
-    residual_var = float(masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask))
-    returns_var = float(masked_mean((returns - masked_mean(returns, mask)) ** 2, mask))
-    return 1.0 - residual_var / returns_var if returns_var > 0 else float("nan")
+def build_rollout(run, model, sampling: SamplingSettings):
+    """The configured rollout backend (``rollout=...``) sampling from ``model``."""
+    settings = run.rollout_settings
+    return ROLLOUTS.get(settings.name)(settings, model=model, tokenizer=run.tokenizer, sampling=sampling)
 
 
-def rollout_metrics(groups: Groups) -> dict[str, float]:
+def repeat(values: list, times: int) -> list:
+    """Each value ``times`` times in a row (one per sample of its group)."""
+    return [v for v in values for _ in range(times)]
+
+
+def batch_metrics(batch: Experience) -> dict[str, float]:
+    metrics = {"advantages/abs_mean": float(masked_mean(batch.advantages.abs(), batch.response_mask))}
+    if batch.values is not None:
+        metrics["critic/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
+    metrics["tokens"] = all_reduce_sum(float(batch.rollout.attention_mask.sum()))
+    return metrics
+
+
+def rollout_metrics(batch: Experience) -> dict[str, float]:
     """Reward per term, zero-variance groups, lengths and truncation, over all processes."""
-    _, group_std, _ = group_stats(torch.tensor(groups.totals), groups.group_index)
+    _, group_std, _ = group_stats(torch.tensor(batch.scores), batch.group_index)
     local = {
-        "totals": groups.totals,
-        "terms": groups.per_term,
-        "lengths": groups.rollout.response_lengths.tolist(),
-        "truncated": groups.rollout.truncated.tolist(),
+        "totals": batch.scores,
+        "terms": batch.reward_terms,
+        "lengths": batch.rollout.response_lengths.tolist(),
+        "truncated": batch.rollout.truncated.tolist(),
         "zero_var": (group_std == 0).float().tolist(),
     }
     gathered = all_gather_objects(local)
     flat = lambda key: [v for part in gathered for v in part[key]]  # noqa: E731
     metrics = {}
     metrics["reward/mean"], metrics["reward/std"] = mean_std(flat("totals"))
-    for name in groups.per_term:
+    for name in batch.reward_terms:
         metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(
             [v for part in gathered for v in part["terms"][name]]
         )

@@ -9,37 +9,73 @@ selection are config; this file never branches on an algorithm.
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, field
+from typing import Any
 
-from rlkit.algos.preference_losses import PREFERENCE_LOSSES, REFERENCE_FREE, ResponseSet, pair_accuracy
+import torch
+from omegaconf import MISSING
+
+from rlkit.algos.preference_losses import (
+    PREFERENCE_LOSSES,
+    REFERENCE_FREE,
+    ResponseSet,
+    implicit_reward_beta,
+    pair_accuracy,
+)
 from rlkit.algos.selection import RESPONSE_SELECTIONS
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
-from rlkit.loops.registry import LOOPS, Loop
+from rlkit.loops.policy_gradient import build_rollout, repeat
+from rlkit.loops.registry import LOOPS, Loop, LoopSettings, SamplingSettings
 from rlkit.metrics import mean_std
 from rlkit.models.sequences import encode_response_sets, pad_rows, score_response_sets, sequence_log_probs
-from rlkit.rollout import generate
-from rlkit.rollout.generate import decode_responses
 from rlkit.run import load_frozen, make_engine
 
 
-@LOOPS.register("preference")
+@dataclass
+class PreferenceSettings(LoopSettings):
+    preference_loss: Any = (
+        MISSING  # preference loss (algo/preference_loss=sigmoid | ipo | hinge | cdpo | robust | rpo | ...)
+    )
+    reference: str = (
+        "model"  # model: the frozen start model scores each batch | precomputed: its log-probs once, then freed
+    )
+
+    def check(self) -> None:
+        self.require_choice("reference", ("model", "precomputed"))
+
+
+@dataclass
+class OnlinePreferenceSettings(LoopSettings):
+    preference_loss: Any = MISSING  # preference loss (algo/preference_loss=...)
+    selection: Any = (
+        MISSING  # sampled responses -> training set (algo/selection=best_worst | rejection | above_threshold)
+    )
+    group_size: int = 2  # responses sampled per prompt
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def check(self) -> None:
+        self.require(self.group_size >= 2, "group_size", "must be at least 2 (responses are ranked against each other)")
+
+
+@LOOPS.register("preference", PreferenceSettings)
 class PreferenceLoop(Loop):
     """Offline: the task's responses, best first (a pair, or a ranked list)."""
 
     def __init__(self, run, model, reference_source: str):
         super().__init__(run)
-        cfg, algo = run.cfg, run.cfg.algo
+        cfg, algo = run.cfg, self.settings
         self.algo, self.reference_source = algo, reference_source
-        self.loss_fn = PREFERENCE_LOSSES.get(algo.preference_loss)
+        self.loss_fn = PREFERENCE_LOSSES.get(algo.preference_loss.name)
+        self.supervised = getattr(self.loss_fn, "supervised", False)
         self.engine = make_engine(
             run,
             model,
-            lr=algo.lr,
+            optim=self.optim(),
             batch_size_global=cfg.trainer.prompts_per_step_global,
             total_steps=cfg.trainer.max_steps,
         )
         self.reference = load_frozen(run, reference_source, self.engine.device)
-        if algo.reference == "precomputed":
+        if getattr(algo, "reference", "model") == "precomputed":
             self.precompute_reference()
             self.reference = None
 
@@ -56,7 +92,7 @@ class PreferenceLoop(Loop):
             n = mask.shape[1]
             scores = pad_rows(scores, n, mask.device)
             ref = None
-            if algo.preference_loss not in REFERENCE_FREE:
+            if algo.preference_loss.name not in REFERENCE_FREE:
                 ref = self.reference_log_probs(rows, batch, n)
         num_sets = all_reduce_sum(float(mask.any(-1).sum()))
         sums: dict[str, float] = {}
@@ -71,10 +107,10 @@ class PreferenceLoop(Loop):
                 scores[index],
                 mask[index],
             )
-            loss, stats = self.loss_fn(responses_set, algo)
+            loss, stats = self.loss_fn(responses_set, algo.preference_loss)
             weight = float(responses_set.present.sum())
             for key, value in {
-                **pair_statistics(responses_set, algo.beta),
+                **pair_statistics(responses_set, implicit_reward_beta(algo.preference_loss)),
                 **stats,
                 "loss": loss.detach().sum() / max(weight, 1),
             }.items():
@@ -124,39 +160,25 @@ class PreferenceLoop(Loop):
             setattr(run, name, rows.add_column("ref_log_probs", values))
 
 
-@LOOPS.register("online_preference")
+@LOOPS.register("online_preference", OnlinePreferenceSettings)
 class OnlinePreferenceLoop(PreferenceLoop):
     """Online: ``algo.group_size`` responses per prompt sampled from the current policy,
     scored by the reward, and turned into a training set by ``algo.selection``."""
 
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
-        self.select = RESPONSE_SELECTIONS.get(self.algo.selection)
+        self.select = RESPONSE_SELECTIONS.get(self.algo.selection.name)
+        self.rollout = build_rollout(run, self.engine.module, self.algo.sampling)
 
     def response_sets(self, rows: list[dict], timer):
         run, algo, k = self.run, self.algo, self.algo.group_size
         prompts = run.prompts(rows)
         with timer.phase("rollout"):
-            rollout = generate(
-                self.engine.module,
-                run.tokenizer,
-                prompts,
-                num_samples=k,
-                max_new_tokens=algo.sampling.max_new_tokens,
-                temperature=algo.sampling.temperature,
-                top_p=algo.sampling.top_p,
-            )
-            completions = decode_responses(run.tokenizer, rollout)
+            rollout = self.rollout.sample(run.encode(prompts), num_samples=k, max_new_tokens=run.max_new_tokens)
         with timer.phase("reward"):
-            repeated = [row for row in rows for _ in range(k)]
-            totals, _ = run.reward(
-                [p for p in prompts for _ in range(k)],
-                completions,
-                completion_ids=rollout.completion_ids(),
-                **run.columns(repeated),
-            )
+            completions, totals, _ = run.score(repeat(rows, k), repeat(prompts, k), rollout.completion_ids())
             scores = torch.tensor(totals, dtype=torch.float32).view(len(rows), k)
-            index, mask = self.select(scores, algo)
+            index, mask = self.select(scores, algo.selection)
         responses = [
             [completions[b * k + j] for j, keep in zip(index[b].tolist(), mask[b].tolist()) if keep]
             for b in range(len(rows))
@@ -173,7 +195,7 @@ class OnlinePreferenceLoop(PreferenceLoop):
         }
         samples = [
             {"prompt": p, "completion": c, "reward": r, "answer": ""}
-            for p, c, r in zip([p for p in prompts for _ in range(k)], completions, totals)
+            for p, c, r in zip(repeat(prompts, k), completions, totals)
         ]
         return responses, kept_scores, metrics, samples
 

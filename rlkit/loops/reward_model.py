@@ -6,15 +6,17 @@ import torch
 
 from rlkit.algos.preference_losses import bradley_terry_loss
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
-from rlkit.loops.registry import LOOPS, Loop
+from rlkit.loops.registry import LOOPS, Loop, LoopSettings
 from rlkit.models.reward_model import as_reward_model, encode_texts, reward_scores
 from rlkit.run import make_engine
 
 
-@LOOPS.register("reward_model")
+@LOOPS.register("reward_model", LoopSettings)
 class RewardModelLoop(Loop):
     """The start model's body with a scalar head, trained so that r(prompt + chosen) >
     r(prompt + rejected); checkpoints load with ``AutoModelForSequenceClassification``."""
+
+    supervised = True  # InstructGPT: 9e-6 for the 6B reward model, a single epoch
 
     def __init__(self, run, model, reference_source: str):
         super().__init__(run)
@@ -22,7 +24,7 @@ class RewardModelLoop(Loop):
         self.engine = make_engine(
             run,
             as_reward_model(model, run.tokenizer.pad_token_id),
-            lr=cfg.algo.lr,
+            optim=self.optim(),
             batch_size_global=cfg.trainer.prompts_per_step_global,
             total_steps=cfg.trainer.max_steps,
         )

@@ -4,14 +4,17 @@ the warm start that gives a random model a first non-zero reward)."""
 from __future__ import annotations
 
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
-from rlkit.loops.registry import LOOPS, Loop
+from rlkit.loops.registry import LOOPS, Loop, LoopSettings, OptimSettings
 from rlkit.models.sequences import supervised_batch, token_nll
 from rlkit.run import make_engine
 
 
-@LOOPS.register("sft")
+@LOOPS.register("sft", LoopSettings)
 class SFTLoop(Loop):
-    """Token-mean cross-entropy on ``solution`` given the formatted prompt."""
+    """Token-mean cross-entropy on ``solution`` given the formatted prompt. The warm start runs
+    it with its own optimizer settings, batch size and step count."""
+
+    supervised = True
 
     def __init__(
         self,
@@ -19,7 +22,7 @@ class SFTLoop(Loop):
         model,
         reference_source: str | None = None,
         *,
-        lr: float | None = None,
+        optim: OptimSettings | None = None,
         batch_size_global: int | None = None,
         max_steps: int | None = None,
     ):
@@ -29,7 +32,7 @@ class SFTLoop(Loop):
         self.engine = make_engine(
             run,
             model,
-            lr=lr or cfg.algo.lr,
+            optim=optim or self.optim(),
             batch_size_global=self.batch_size_global,
             total_steps=max_steps or cfg.trainer.max_steps,
         )

@@ -7,7 +7,7 @@ One step (the paper's successive truncated rollout):
 1. free slots take new prompts (``group_size`` responses each), so every step trains on a full batch;
 2. the current policy generates at most ``truncation.window`` more tokens of every in-flight
    response, the prompt plus the response so far serving as its prompt;
-3. a response that ended (EOS, or ``sampling.max_new_tokens`` tokens in all) is scored, once;
+3. a response that ended (EOS, or ``task.max_new_tokens`` tokens in all) is scored, once;
 4. the policy trains on this window's tokens only -- the prompt and earlier windows are context
    (the paper's token filtering) -- with Extended GAE: a response that goes on bootstraps from
    the critic's value of its last state instead of 0 (:func:`rlkit.algos.gae.generalized_advantages`);
@@ -28,23 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from omegaconf import MISSING
 
 from rlkit.algos import AdvantageInputs
 from rlkit.algos.gae import generalized_advantages
-from rlkit.algos.masked import masked_mean
-from rlkit.engine import (
-    all_gather_objects,
-    all_reduce_sum,
-    mean_over_ranks,
-    optimizer_step,
-    rank,
-    split_micro_batches,
-    world_size,
-)
-from rlkit.loops.policy_gradient import PolicyGradientLoop, explained_variance
+from rlkit.algos.masked import explained_variance, masked_mean
+from rlkit.engine import all_gather_objects, all_reduce_sum, rank, split_micro_batches, world_size
+from rlkit.loops.experience import Experience
+from rlkit.loops.policy_gradient import PolicyGradientLoop, PolicyGradientSettings
 from rlkit.loops.registry import LOOPS
+from rlkit.loops.update import PolicyUpdate, UpdateStats
 from rlkit.metrics import mean_std
-from rlkit.rollout.generate import Rollout, left_pad, sample
+from rlkit.rollout.generate import Rollout, left_pad
+from rlkit.settings import Checked
 
 
 @dataclass
@@ -169,117 +165,148 @@ def whole_responses(
     return rollout.to(device), rewards.to(device)
 
 
-@LOOPS.register("truncated_ppo")
+@dataclass
+class TruncationSettings(Checked):
+    """T-PPO's successive truncated rollout (``algo.truncation``); ``task.max_new_tokens`` caps a whole response."""
+
+    window: int = MISSING  # tokens per response per step, the paper's window length (paper: 8k of a 24k max response)
+    value_lam: float = 1.0  # GAE lambda of the value model's targets on ended responses (1 = Monte-Carlo returns)
+
+    def check(self) -> None:
+        self.require_at_least_one("window")
+        self.require(0 <= self.value_lam <= 1, "value_lam", "must be in [0, 1]")
+
+
+@dataclass
+class TruncatedPPOSettings(PolicyGradientSettings):
+    truncation: TruncationSettings = field(default_factory=TruncationSettings)
+
+    def check(self) -> None:
+        super().check()
+        self.require(
+            self.values.name == "critic",
+            "values",
+            "T-PPO trains a value model apart from the policy "
+            "(Extended GAE): use algo/values=critic with algo/advantage=gae",
+        )
+        self.require(
+            self.group_filter.name == "none", "group_filter", "T-PPO samples a window per step: no group filter"
+        )
+
+
+@LOOPS.register("truncated_ppo", TruncatedPPOSettings)
 class TruncatedPPOLoop(PolicyGradientLoop):
-    """PPO with successive truncated rollouts and decoupled policy / value updates (T-PPO)."""
+    """PPO with successive truncated rollouts and decoupled policy / value updates (T-PPO): the
+    sample, reward, advantage and value-training stages are T-PPO's own; the log-prob and policy
+    update stages are the policy-gradient loop's."""
 
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
-        # The value model trains on ended responses, apart from the policy's update on the window:
-        # kept out of self.critic, so that PolicyGradientLoop.update trains the policy alone.
-        self.value_model, self.critic = self.critic, None
-        algo, tokenizer = self.algo, run.tokenizer
-        capacity = run.cfg.trainer.prompts_per_step_global // world_size() * algo.group_size
-        self.pool = ResponsePool(capacity, algo.truncation.window, algo.sampling.max_new_tokens, tokenizer.pad_token_id)
+        s, tokenizer = self.settings, run.tokenizer
+        capacity = run.cfg.trainer.prompts_per_step_global // world_size() * s.group_size
+        self.pool = ResponsePool(capacity, s.truncation.window, run.max_new_tokens, tokenizer.pad_token_id)
 
     def step(self, step: int, timer):
-        run, algo, tokenizer = self.run, self.algo, self.run.tokenizer
         metrics = {"tppo/new_prompts": all_reduce_sum(float(self.refill()))}
         with timer.phase("rollout"):
             window = self.pool.generate(self.sample_window, self.engine.device)
-        rollout, device = window.rollout, self.engine.device
-        ended = window.ended.nonzero().squeeze(-1).tolist()
         with timer.phase("reward"):
-            ended_slots = [window.slots[i] for i in ended]
-            completion_ids = [window.completion_ids(i) for i in ended]
-            completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True) if ended else []
-            rows = [run.train_rows[s.row] for s in ended_slots]
-            totals, per_term = (
-                run.reward(
-                    [s.prompt for s in ended_slots], completions, completion_ids=completion_ids, **run.columns(rows)
-                )
-                if ended
-                else ([], {})
-            )
+            batch, ended = self.score_window(window)
         metrics.update(
-            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in run.reward.pop_failures().items()}
+            {f"reward/{name}/failures": all_reduce_sum(float(n)) for name, n in self.run.reward.pop_failures().items()}
         )
-        num_ended = all_reduce_sum(float(len(ended)))
         with timer.phase("log_probs"):
-            old_log_probs = self.score(self.engine, rollout) if self.needs_old_log_probs else None
-            ref_log_probs = self.score(self.reference, rollout) if self.reference is not None else None
-            old_values = self.value_model.values(rollout)
+            self.score_tokens(batch)
+        with timer.phase("values"):
+            batch.values = self.values.values(batch.rollout)
         with timer.phase("advantages"):
-            mask = rollout.response_mask
-            scores = torch.zeros(len(rollout), dtype=torch.float32, device=device)
-            if num_ended:  # every process normalises together, also one with no ended response
-                scores[ended] = self.normalised_scores(torch.tensor(totals, dtype=torch.float32, device=device))
-            shaping = self.token_rewards(torch.zeros_like(scores), mask, old_log_probs, ref_log_probs)
-            token_rewards = self.token_rewards(scores, mask, old_log_probs, ref_log_probs)
-            last_values = old_values.gather(1, (mask.sum(-1) - 1).clamp(min=0)[:, None]).squeeze(1)
-            bootstrap = torch.where(
-                window.ended.to(device), torch.zeros_like(last_values), last_values
-            )  # EGAE: V(s_l) ~ V(s_{l-1})
-            inputs = AdvantageInputs(
-                token_rewards,
-                mask,
-                torch.arange(len(rollout), device=device),
-                values=old_values,
-                bootstrap_values=bootstrap,
-            )
-            advantages, _ = self.advantage_fn(inputs, algo)
+            shaping, ended_scores = self.window_advantages(batch, window, ended)
         with timer.phase("update"):
-            train_policy = step > algo.critic.pretrain_steps
             metrics.update(
-                self.update(
-                    rollout, inputs.group_index, advantages, old_log_probs, ref_log_probs, None, None, train_policy
-                )
+                PolicyUpdate(self, batch).run(train_policy=self.values.trains_policy(step), train_values=False)
             )
             retired = self.pool.retire(window, shaping)
-            metrics.update(self.train_value_model(retired, scores[ended].tolist(), rollout))
-        metrics.update(self.control_kl(old_log_probs, ref_log_probs, mask))
-        metrics.update(self.window_metrics(window, retired, totals, per_term, num_ended))
-        metrics["advantages/abs_mean"] = float(masked_mean(advantages.abs(), mask))
-        metrics["tokens"] = all_reduce_sum(float(rollout.attention_mask.sum()))
-        samples = [
-            {"prompt": s.prompt, "completion": c, "reward": r, "answer": row.get("answer", "")}
-            for s, c, r, row in zip(ended_slots, completions, totals, rows)
-        ]
+            metrics.update(self.train_value_model(retired, ended_scores, batch.rollout))
+        metrics.update(self.control_kl(batch))
+        metrics.update(self.window_metrics(window, retired, batch, ended))
+        metrics["advantages/abs_mean"] = float(masked_mean(batch.advantages.abs(), batch.response_mask))
+        metrics["tokens"] = all_reduce_sum(float(batch.rollout.attention_mask.sum()))
+        samples = [batch.samples()[i] for i in ended]
         return metrics, samples
 
     def refill(self) -> int:
         """Fill the pool's free slots with new prompts, ``group_size`` responses each (the last
         prompt's group may be cut short). Prompts are drawn for all processes at once, so that every
         process reads the same data order whatever its number of free slots. Returns the prompts taken."""
-        run, size = self.run, self.algo.group_size
+        run, size = self.run, self.settings.group_size
         needs = all_gather_objects(-(-self.pool.free() // size))
         indices = self.sampler.next_global(sum(needs)) if sum(needs) else []
         start = sum(needs[: rank()])
         mine = indices[start : start + needs[rank()]]
         prompts = run.prompts([run.train_rows[i] for i in mine]) if mine else []
-        for index, prompt in zip(mine, prompts):
-            ids = run.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for index, prompt, ids in zip(mine, prompts, run.encode(prompts)):
             self.pool.admit(index, prompt, ids, min(size, self.pool.free()))
         return len(mine)
 
     def sample_window(self, prompt_ids, prompt_mask, done, max_new_tokens: torch.Tensor) -> Rollout:
-        """One window of every in-flight response; EOS stays masked until the whole response
-        (earlier windows included) has ``sampling.min_new_tokens`` tokens."""
-        algo, tokenizer = self.algo, self.run.tokenizer
-        hook = getattr(self, "rollout_logits_processor", None)  # a loop's reshaped sampling distribution, if any
-        return sample(
-            self.engine.module,
-            prompt_ids,
-            prompt_mask,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+        """One window of every in-flight response from the rollout backend; EOS stays masked until
+        the whole response (earlier windows included) has ``sampling.min_new_tokens`` tokens."""
+        contexts = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+        min_new = (self.settings.sampling.min_new_tokens - done).clamp(min=0)
+        return self.rollout.sample(
+            contexts,
             num_samples=1,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=(algo.sampling.min_new_tokens - done).clamp(min=0),
-            temperature=algo.sampling.temperature,
-            top_p=algo.sampling.top_p,
-            logits_processor=hook() if hook else None,
+            max_new_tokens=max_new_tokens.tolist(),
+            min_new_tokens=min_new.tolist(),
+            logits_processor=self.rollout_logits_processor(),
         )
+
+    def score_window(self, window: Window) -> tuple[Experience, list[int]]:
+        """The window as an experience batch (each response its own group) with the rewards of the
+        responses that ended (scored once, as whole responses); and the rows that ended."""
+        run = self.run
+        ended = window.ended.nonzero().squeeze(-1).tolist()
+        rows = [run.train_rows[s.row] for s in window.slots]
+        prompts = [s.prompt for s in window.slots]
+        completions, scores = [""] * len(rows), [0.0] * len(rows)
+        terms: dict[str, list[float]] = {}
+        if ended:
+            done, totals, terms = run.score(
+                [rows[i] for i in ended], [prompts[i] for i in ended], [window.completion_ids(i) for i in ended]
+            )
+            for i, completion, total in zip(ended, done, totals):
+                completions[i], scores[i] = completion, total
+        return Experience(rows, prompts, window.rollout, completions, scores, terms, group_size=1), ended
+
+    def window_advantages(
+        self, batch: Experience, window: Window, ended: list[int]
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Extended GAE over the window: the score on the last token of the responses that ended
+        (normalised over those alone, all processes together), a bootstrap from the critic's value
+        of the last state of those that go on. Returns the per-token shaping rewards (the KL
+        penalty) that the pool records for the value model's later targets, and the normalised
+        scores of the responses that ended."""
+        mask, device = batch.response_mask, self.engine.device
+        scores = torch.zeros(len(batch), dtype=torch.float32, device=device)
+        if all_reduce_sum(float(len(ended))):  # every process normalises together, also one with no ended response
+            scores[ended] = self.normalised_scores(
+                torch.tensor([batch.scores[i] for i in ended], dtype=torch.float32, device=device)
+            )
+        shaping = self.token_rewards(torch.zeros_like(scores), batch)
+        batch.token_rewards = self.token_rewards(scores, batch)
+        last_values = batch.values.gather(1, (mask.sum(-1) - 1).clamp(min=0)[:, None]).squeeze(1)
+        batch.bootstrap_values = torch.where(
+            window.ended.to(device), torch.zeros_like(last_values), last_values
+        )  # EGAE: V(s_l) ~ V(s_{l-1})
+        inputs = AdvantageInputs(
+            batch.token_rewards,
+            mask,
+            torch.arange(len(batch), device=device),
+            values=batch.values,
+            bootstrap_values=batch.bootstrap_values,
+        )
+        batch.advantages, _ = self.advantage_fn(inputs, self.settings.advantage)
+        return shaping, scores[ended].tolist()
 
     def train_value_model(self, ended: list[InFlight], scores: list[float], filler: Rollout) -> dict[str, float]:
         """``update_epochs`` x ``minibatches`` critic steps on every token of the responses that
@@ -287,13 +314,40 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         are complete). The number that ended varies by step and process; every process pads its
         rows with zero-mask ones to the same count, so all take the same optimizer steps. No
         process has an ended response: no step."""
-        algo, critic = self.algo, self.value_model
+        s, critic = self.settings, self.values
         counts = all_gather_objects(len(ended))
         if max(counts) == 0:
             return {}
-        engine = critic.engine
-        unit = algo.minibatches * engine.gradient_accumulation_steps()
-        size = -(-max(counts) // unit) * unit
+        unit = s.minibatches * critic.engine.gradient_accumulation_steps()
+        rollout, rewards = self.value_batch(ended, scores, filler, -(-max(counts) // unit) * unit)
+        mask, size = rollout.response_mask, len(rollout)
+        old_values = critic.values(rollout)
+        _, returns = generalized_advantages(rewards, old_values, mask, s.advantage.gamma, s.truncation.value_lam)
+        returns = returns.float()
+        real = torch.arange(size) < len(ended)
+        stats, norms = UpdateStats(), []
+        for _ in range(s.update_epochs):
+            for minibatch in torch.randperm(size).split(size // s.minibatches):
+                step_counts = (
+                    all_reduce_sum(float(mask[minibatch].sum())),
+                    all_reduce_sum(float(real[minibatch].sum())),
+                    self.run.max_new_tokens,
+                )
+                micro_batches = [
+                    minibatch[i]
+                    for i in split_micro_batches(len(minibatch), critic.engine.gradient_accumulation_steps())
+                ]
+                norms.append(critic.step_on(rollout, returns, old_values, micro_batches, step_counts, stats))
+        metrics = stats.means()
+        metrics["critic/grad_norm"] = sum(norms) / len(norms)
+        metrics["critic/explained_variance"] = explained_variance(old_values, returns, mask)
+        return metrics
+
+    def value_batch(
+        self, ended: list[InFlight], scores: list[float], filler: Rollout, size: int
+    ) -> tuple[Rollout, torch.Tensor]:
+        """The ended responses as whole responses with their token rewards, padded to ``size`` rows
+        with zero-mask copies (of an ended response, or of the window's first row)."""
         device = self.engine.device
         parts, reward_parts = [], []
         if ended:
@@ -306,53 +360,22 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             reward_parts.append(torch.zeros(pad.response_mask.shape, device=device))
         rollout = Rollout.concat(parts, self.pool.pad_token_id)
         width = rollout.response_ids.shape[1]
-        rewards = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in reward_parts])
-        mask = rollout.response_mask
-        old_values = critic.values(rollout)
-        _, returns = generalized_advantages(rewards, old_values, mask, algo.gamma, algo.truncation.value_lam)
-        returns = returns.float()
-        real = torch.arange(size) < len(ended)
-        sums: dict[str, list[float]] = {}
-        norms = []
-
-        def value_loss(index, counts):
-            loss, stats = critic.loss(index, rollout, returns, old_values, counts)
-            weight = float(mask[index].sum())
-            for key, value in stats.items():
-                total = sums.setdefault("critic/" + key, [0.0, 0.0])
-                total[0] += float(value.detach()) * weight
-                total[1] += weight
-            return loss
-
-        for _ in range(algo.update_epochs):
-            for minibatch in torch.randperm(size).split(size // algo.minibatches):
-                counts = (
-                    all_reduce_sum(float(mask[minibatch].sum())),
-                    all_reduce_sum(float(real[minibatch].sum())),
-                    algo.sampling.max_new_tokens,
-                )
-                micro_batches = [
-                    minibatch[i] for i in split_micro_batches(len(minibatch), engine.gradient_accumulation_steps())
-                ]
-                norms.append(optimizer_step(engine, micro_batches, lambda index: value_loss(index, counts)))
-        metrics = mean_over_ranks({key: total / max(weight, 1.0) for key, (total, weight) in sums.items()})
-        metrics["critic/grad_norm"] = sum(norms) / len(norms)
-        metrics["critic/explained_variance"] = explained_variance(old_values, returns, mask)
-        return metrics
+        return rollout, torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in reward_parts])
 
     def window_metrics(
-        self, window: Window, retired: list[InFlight], totals: list[float], per_term: dict, num_ended: float
+        self, window: Window, retired: list[InFlight], batch: Experience, ended: list[int]
     ) -> dict[str, float]:
         """Rewards and lengths of the responses that ended (over all processes), and the pool's state."""
         local = {
-            "totals": totals,
-            "terms": per_term,
+            "totals": [batch.scores[i] for i in ended],
+            "terms": batch.reward_terms,
             "lengths": [len(s.tokens) for s in retired],
             "capped": [float(not bool(e)) for e, n in zip(window.eos.tolist(), window.ended.tolist()) if n],
             "window": window.rollout.response_lengths.tolist(),
         }
         gathered = all_gather_objects(local)
         flat = lambda key: [v for part in gathered for v in part[key]]  # noqa: E731
+        num_ended = float(len(flat("totals")))
         metrics = {
             "tppo/ended": num_ended,
             "tppo/in_flight": all_reduce_sum(float(len(self.pool.slots))),
@@ -361,16 +384,12 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         if num_ended:
             metrics["reward/mean"], metrics["reward/std"] = mean_std(flat("totals"))
             for name in sorted({n for part in gathered for n in part["terms"]}):
-                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(
-                    [v for part in gathered for v in part["terms"].get(name, [])]
-                )
+                values = [v for part in gathered for v in part["terms"].get(name, [])]
+                metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = mean_std(values)
             lengths = flat("lengths")
             metrics["response/length_mean"], metrics["response/length_max"] = mean_std(lengths)[0], float(max(lengths))
             metrics["response/truncated_frac"] = mean_std(flat("capped"))[0]
         return metrics
-
-    def extra_engines(self) -> dict:
-        return self.value_model.extra_engines()
 
     def state_dict(self) -> dict:
         """Collective: gathers every process's in-flight responses."""

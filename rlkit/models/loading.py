@@ -38,7 +38,7 @@ def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
     """The causal LM; on a CPU ``hardware`` (a HardwareConfig) its linear layers use
     oneDNN unless ``hardware.cpu_matmul=torch``, ZeRO-3 shards them, or the CPU cannot compute
     the training precision (``hardware.dtype``, to which DeepSpeed casts the model) through oneDNN."""
-    kwargs = {"dtype": DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs = {"dtype": DTYPES[hardware.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     attention = model_cfg.attn_implementation or default_attention(model_cfg, hardware)
     if attention:
         kwargs["attn_implementation"] = attention
@@ -58,8 +58,7 @@ def default_attention(model_cfg, hardware) -> str | None:
     took 0.2-0.3 s of a 1.5 s update on the benchmark's 25M model, and plain matmul
     attention ("eager") a fifth of that. Eager attention holds each layer's
     (heads x length x length) scores, so long sequences should set ``model.attn_implementation=sdpa``."""
-    computes_in_bf16 = "bfloat16" in (model_cfg.dtype, hardware.dtype)
-    return "eager" if hardware.device == "cpu" and computes_in_bf16 else None
+    return "eager" if hardware.device == "cpu" and hardware.dtype == "bfloat16" else None
 
 
 def configure_for_training(model: PreTrainedModel, model_cfg) -> PreTrainedModel:

@@ -15,6 +15,7 @@ from multiprocessing.pool import ThreadPool
 from typing import Any
 
 from rlkit.registry import Registry
+from rlkit.settings import ConfigError
 
 RewardFn = Callable[..., list[float]]
 REWARDS: Registry[RewardFn] = Registry("reward")
@@ -151,3 +152,31 @@ def build_reward(reward_cfg) -> CompositeReward:
             )
         )
     return CompositeReward(terms)
+
+
+REWARD_TERM_KEYS = ("fn", "weight", "args", "workers", "timeout", "failure_value")
+
+
+def check_reward_term(key: str, term) -> None:
+    """A ``reward.terms.<name>`` node: known keys of the right types (one-line ConfigError otherwise)."""
+    if not hasattr(term, "keys"):
+        raise ConfigError(f"{key} must be a mapping like {{fn: math_answer, weight: 1.0}}")
+    unknown = sorted(set(term.keys()) - set(REWARD_TERM_KEYS))
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}: unknown key; valid: {', '.join(REWARD_TERM_KEYS)}")
+    if not isinstance(term.get("fn"), str):
+        raise ConfigError(f"{key}.fn is required: a registered reward name or 'package.module:function'")
+    if not isinstance(term.get("weight", 1.0), (int, float)):
+        raise ConfigError(f"{key}.weight={term.get('weight')!r} must be a number")
+    if not hasattr(term.get("args", {}), "keys"):
+        raise ConfigError(f"{key}.args must be a mapping of keyword arguments")
+    workers = term.get("workers", 0)
+    if not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"{key}.workers={workers!r} must be a non-negative integer (0 = score the batch in one call)")
+    timeout = term.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0 or not workers):
+        raise ConfigError(
+            f"{key}.timeout={timeout!r} must be a positive number of seconds, and needs {key}.workers >= 1"
+        )
+    if not isinstance(term.get("failure_value", 0.0), (int, float)):
+        raise ConfigError(f"{key}.failure_value={term.get('failure_value')!r} must be a number")

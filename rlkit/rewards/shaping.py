@@ -46,7 +46,7 @@ def overlong_penalty_reward(
     training loop) when given, else whitespace-separated words of the completion text.
     ``max_length`` is L_max and ``cache_length`` L_cache; the paper uses 20480 and 4096
     (an expected maximum of 16384 tokens plus a 4096-token soft-punishment window), with
-    generation capped at L_max -- here typically L_max = algo.sampling.max_new_tokens.
+    generation capped at L_max -- here typically L_max = task.max_new_tokens.
     """
     if completion_ids is not None:
         lengths = [len(ids) for ids in completion_ids]

@@ -19,7 +19,10 @@ class Rollout:
     """Left-padded prompts and right-padded responses, row-aligned.
 
     response_mask is 1 up to and including the first EOS; a response without an
-    EOS within ``max_new_tokens`` is ``truncated``.
+    EOS within ``max_new_tokens`` is ``truncated``. ``log_probs`` are the behaviour
+    log-probs: each sampled token's log-prob under the distribution it was drawn from
+    (temperature, top-p and any logits processor applied), 0 on padding; None for greedy
+    decoding.
     """
 
     prompt_ids: torch.Tensor  # (B, P)
@@ -27,6 +30,7 @@ class Rollout:
     response_ids: torch.Tensor  # (B, T)
     response_mask: torch.Tensor  # (B, T)
     truncated: torch.Tensor  # (B,) bool
+    log_probs: torch.Tensor | None = None  # (B, T) float32
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -47,11 +51,16 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def _map(self, fn) -> Rollout:
+        return Rollout(
+            **{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in dataclasses.fields(self)}
+        )
+
     def to(self, device) -> Rollout:
-        return Rollout(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+        return self._map(lambda t: t.to(device))
 
     def select(self, index: torch.Tensor) -> Rollout:
-        return Rollout(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+        return self._map(lambda t: t[index])
 
     @staticmethod
     def concat(parts: list[Rollout], pad_token_id: int) -> Rollout:
@@ -66,6 +75,9 @@ class Rollout:
             response_ids=torch.cat([right(p.response_ids, pad_token_id) for p in parts]),
             response_mask=torch.cat([right(p.response_mask, 0) for p in parts]),
             truncated=torch.cat([p.truncated for p in parts]),
+            log_probs=None
+            if any(p.log_probs is None for p in parts)
+            else torch.cat([right(p.log_probs, 0.0) for p in parts]),
         )
 
 
@@ -174,6 +186,7 @@ def sample(
     rows = prompt_ids.shape[0]
     next_position = positions[:, -1:] + 1
     tokens: list[torch.Tensor] = []
+    chosen_log_probs: list[torch.Tensor] = []
     finished = torch.zeros(rows, dtype=torch.bool, device=prompt_ids.device)
     done = False
     with decoding_step(model, cache, prompt_mask, hand_written_step) as step:
@@ -183,7 +196,12 @@ def sample(
                 if logits_processor is not None:
                     scores = logits_processor(torch.cat([prompt_ids, *[t[:, None] for t in tokens]], dim=1), scores)
                 scores[floor > len(tokens), eos_token_id] = float("-inf")
-                token = scores.argmax(-1) if greedy else draw(sampling_probs(scores, temperature, top_p))
+                if greedy:
+                    token = scores.argmax(-1)
+                else:
+                    probs = sampling_probs(scores, temperature, top_p)
+                    token = draw(probs)
+                    chosen_log_probs.append((probs.gather(1, token[:, None]).squeeze(1) / probs.sum(-1)).log())
                 token = token.masked_fill(finished, pad_token_id)
                 tokens.append(token)
                 finished |= (token == eos_token_id) | (cap <= len(tokens))
@@ -202,6 +220,7 @@ def sample(
         response_ids=response_ids.masked_fill(response_mask == 0, pad_token_id),
         response_mask=response_mask,
         truncated=truncated,
+        log_probs=None if greedy else torch.stack(chosen_log_probs, dim=1).masked_fill(response_mask == 0, 0.0),
     )
 
 

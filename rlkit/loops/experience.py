@@ -1,0 +1,101 @@
+"""The experience batch: one step's sampled responses and everything the stages add to them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from rlkit.algos.masked import group_stats
+from rlkit.rollout.generate import Rollout
+
+
+@dataclasses.dataclass
+class Experience:
+    """Sampled responses of whole groups (the samples of one prompt adjacent) and their rewards,
+    extended stage by stage: log-probs, values, rewards per token, advantages.
+
+    rows / prompts / completions / scores: one entry per sample (``scores``: the weighted reward total).
+    reward_terms: each reward term's score per sample.
+    The tensors are (B, T) over response tokens, (B,) for ``baseline_scores`` and
+    ``bootstrap_values``; a stage that does not apply leaves its field None.
+    """
+
+    rows: list[dict]
+    prompts: list[str]
+    rollout: Rollout
+    completions: list[str]
+    scores: list[float]
+    reward_terms: dict[str, list[float]]
+    group_size: int
+    old_log_probs: torch.Tensor | None = None  # under the policy that sampled (pi_old), recomputed by the trainer
+    ref_log_probs: torch.Tensor | None = None  # under the frozen reference policy
+    values: torch.Tensor | None = None  # V(s_t) from the value source (critic or Monte-Carlo)
+    step_ids: torch.Tensor | None = None  # the step of its response each token belongs to (VinePPO)
+    baseline_scores: torch.Tensor | None = None  # a per-sample baseline score (ReMax's greedy reward)
+    bootstrap_values: torch.Tensor | None = None  # V after the last token of responses that go on (T-PPO)
+    token_rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.rows) // self.group_size
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        return torch.arange(self.num_groups).repeat_interleave(self.group_size)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        return self.rollout.response_mask
+
+    def samples(self) -> list[dict]:
+        """Rows of the completions table."""
+        return [
+            {"prompt": p, "completion": c, "reward": r, "answer": row.get("answer", "")}
+            for p, c, r, row in zip(self.prompts, self.completions, self.scores, self.rows)
+        ]
+
+    def select_groups(self, groups: list[int]) -> Experience:
+        """The sampled part (before any later stage) of the given groups."""
+        index = [g * self.group_size + i for g in groups for i in range(self.group_size)]
+        pick = lambda values: [values[i] for i in index]  # noqa: E731
+        return Experience(
+            rows=pick(self.rows),
+            prompts=pick(self.prompts),
+            rollout=self.rollout.select(torch.tensor(index, dtype=torch.long)),
+            completions=pick(self.completions),
+            scores=pick(self.scores),
+            reward_terms={k: pick(v) for k, v in self.reward_terms.items()},
+            group_size=self.group_size,
+        )
+
+    def first_groups(self, count: int) -> Experience:
+        return self.select_groups(list(range(min(count, self.num_groups))))
+
+    def split_by_variance(self) -> tuple[Experience, Experience]:
+        """(groups whose rewards differ, groups whose rewards are all equal)."""
+        _, std, _ = group_stats(torch.tensor(self.scores), self.group_index)
+        varied = (std.view(self.num_groups, self.group_size)[:, 0] > 0).tolist()
+        return (
+            self.select_groups([g for g, v in enumerate(varied) if v]),
+            self.select_groups([g for g, v in enumerate(varied) if not v]),
+        )
+
+    @staticmethod
+    def concat(parts: list[Experience], pad_token_id: int) -> Experience:
+        """The sampled part of several batches, one after the other."""
+        join = lambda name: [v for p in parts for v in getattr(p, name)]  # noqa: E731
+        return Experience(
+            rows=join("rows"),
+            prompts=join("prompts"),
+            rollout=Rollout.concat([p.rollout for p in parts], pad_token_id),
+            completions=join("completions"),
+            scores=join("scores"),
+            reward_terms={k: [v for p in parts for v in p.reward_terms[k]] for k in parts[0].reward_terms},
+            group_size=parts[0].group_size,
+        )
