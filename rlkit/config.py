@@ -223,3 +223,31 @@ def register_schema() -> None:
     import rlkit.rollout.backends  # noqa: F401  (the rollout group)
 
     ConfigStore.instance().store(name="rlkit_schema", node=RootConfig)
+
+
+def typed_config(saved, overrides: list[str] = ()):
+    """A config saved as plain YAML (a run's ``config.yaml``, a checkpoint's) typed again as when
+    it was composed: the root schema, the loop's settings for ``algo`` and each component's own
+    settings for its node; ``overrides`` (``key=value``) applied last. A config written before
+    components had config groups (``algo.advantage: grpo``, a name) is a one-line error."""
+    from omegaconf import OmegaConf
+
+    from rlkit.registry import GROUPS
+
+    register_schema()
+    registries = sorted(GROUPS.values(), key=lambda r: r.key.count("."))  # parents before their children
+    for registry in registries:
+        name = OmegaConf.select(saved, registry.key, default=None)
+        if isinstance(name, str):
+            raise ConfigError(
+                f"{registry.key}: {name!r} is a name, not a node: this config predates rlkit's component "
+                "config groups; compose it anew with `rlkit train` overrides"
+            )
+    cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), saved)
+    for registry in registries:
+        node = OmegaConf.select(cfg, registry.key, default=None)
+        if node is not None:
+            parent, _, last = registry.key.rpartition(".")
+            typed = OmegaConf.merge(OmegaConf.structured(registry.settings(node[registry.name_field])), node)
+            (OmegaConf.select(cfg, parent) if parent else cfg)[last] = typed
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))

@@ -5,10 +5,11 @@ component's settings)."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import re
 
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from rlkit.registry import GROUPS
 from rlkit.settings import ConfigError
@@ -23,8 +24,14 @@ def check_overrides(overrides: list[str]) -> None:
     """Raise :class:`ConfigError` (one line) when the config cannot be composed with ``overrides``.
     A sweep (``algo=grpo,rloo``) is composed once for each of its values."""
     from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_module(config_module="rlkit.conf", version_base="1.3"):
+    initialized = GlobalHydra.instance().is_initialized()  # e.g. by a test's compose context
+    with (
+        contextlib.nullcontext()
+        if initialized
+        else initialize_config_module(config_module="rlkit.conf", version_base="1.3")
+    ):
         for variant in sweep_variants(overrides):
             try:
                 compose(variant)
@@ -56,9 +63,8 @@ def explain(error: Exception, overrides: list[str]) -> str:
     the wrong type, an unknown group option (with the valid ones), or Hydra's first line."""
     cause, message = error.__cause__, str(error)
     full_key = getattr(cause, "full_key", None)
-    object_type = getattr(cause, "object_type", None)
-    if full_key and dataclasses.is_dataclass(object_type) and "not in" in str(cause):
-        return unknown_setting(full_key, object_type, overrides)
+    if full_key and isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        return unknown_setting(full_key, overrides)
     if full_key and type(cause).__name__ == "ValidationError":
         value = next((o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == full_key), "?")
         return f"{full_key}={value}: {str(cause).splitlines()[0]}"
@@ -70,20 +76,25 @@ def explain(error: Exception, overrides: list[str]) -> str:
     no_default = re.search(r"Could not override '([^']+)'\. No match in the defaults list", message)
     if no_default:
         group = no_default.group(1)
-        return f"{group}: the chosen algo preset has no {group} component (see `rlkit train --cfg job`)"
+        registry = GROUPS.get(group)
+        if registry is None:
+            return f"{group}: not a config group of this config (see `rlkit train --cfg job`)"
+        valid = ", ".join(registry.names())
+        return f"{group}: this algo preset chooses no {registry.kind}; add one with +{group}=<name> (valid: {valid})"
     return message.strip().splitlines()[0]
 
 
-def unknown_setting(full_key: str, object_type: type, overrides: list[str]) -> str:
+def unknown_setting(full_key: str, overrides: list[str]) -> str:
     """``algo.advantage.foo: advantage estimator 'grpo' has no setting 'foo'; its settings: norm_by_std, eps``."""
     parent, _, key = full_key.rpartition(".")
+    cfg = compose([o for o in overrides if not o.lstrip("+").startswith((f"{full_key}=", f"{full_key}."))])
+    node = OmegaConf.select(cfg, parent) if parent else cfg
     registry = next((r for r in GROUPS.values() if r.key == parent), None)
-    names = [f.name for f in dataclasses.fields(object_type) if registry is None or f.name != registry.name_field]
-    owner = parent or "the config"
-    if registry is not None:
-        cfg = compose([o for o in overrides if not o.lstrip("+").startswith(f"{full_key}=")])
-        if parent == "algo":
-            owner = f"algo preset '{cfg.algo.name}' (loop {cfg.algo.loop})"
-        else:
-            owner = f"{registry.kind} '{OmegaConf.select(cfg, f'{parent}.{registry.name_field}')}'"
-    return f"{full_key}: {owner} has no setting '{key}'; its settings: {', '.join(names)}"
+    names = [name for name in node if registry is None or name != registry.name_field]
+    if registry is None:
+        owner = parent or "the config"
+    elif parent == "algo":
+        owner = f"algo preset '{node.name}' (loop {node.loop})"
+    else:
+        owner = f"{registry.kind} '{node[registry.name_field]}'"
+    return f"{full_key}: {owner} has no setting '{key}'; its settings: {', '.join(names) or '(none)'}"

@@ -54,7 +54,7 @@ class Checked:
 
     def require_choice(self, key: str, choices: Iterable) -> None:
         choices = list(choices)
-        self.require(_value(self, key) in choices, key, f"is not one of: {', '.join(map(str, choices))}")
+        self.require(_value(self, key) in choices, key, f"must be one of: {', '.join(map(str, choices))}")
 
 
 @dataclasses.dataclass

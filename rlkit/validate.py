@@ -22,7 +22,7 @@ def validate(cfg, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first problem found."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]} is required (it is ??? in its config group)")
+        raise ConfigError(missing_message(missing[0]))
     check_components(cfg)
     check_settings(OmegaConf.to_object(cfg))
     if cfg.task.name not in TASKS:
@@ -37,6 +37,15 @@ def validate(cfg, world_size: int = 1) -> None:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume!r}: use auto, never, or the path of a checkpoint directory")
+
+
+def missing_message(key: str) -> str:
+    """``key`` has no value: name the config group that chooses it, when it is a component."""
+    registry = next((r for r in GROUPS.values() if r.key == key), None)
+    if registry is None:
+        return f"{key} is required (it is ??? in its config group)"
+    valid = ", ".join(registry.names())
+    return f"{key} is required: choose a {registry.kind} with +{registry.group}=<name> (valid: {valid})"
 
 
 def check_components(cfg) -> None:

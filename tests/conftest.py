@@ -166,3 +166,22 @@ def compose_config():
 
     with initialize_config_module(config_module="rlkit.conf", version_base="1.3"):
         yield _compose
+
+
+@pytest.fixture(scope="module")
+def config_error(compose_config):
+    """The one-line error ``rlkit train <overrides>`` gives before any heavy work (while composing,
+    or from validation), or None when the config is valid."""
+    from rlkit.config import ConfigError
+    from rlkit.overrides import check_overrides
+    from rlkit.validate import validate
+
+    def _error(*overrides: str) -> str | None:
+        try:
+            check_overrides(list(overrides))
+            validate(compose_config(*overrides))
+        except ConfigError as error:
+            return str(error)
+        return None
+
+    return _error

@@ -23,8 +23,8 @@ OVERRIDES = [
     "task.options.test_size=8",
     "trainer.prompts_per_step_global=4",
     "algo.group_size=4",
-    "algo.sampling.max_new_tokens=8",
-    "algo.lr=3e-3",
+    "task.max_new_tokens=8",
+    "algo.optim.lr=3e-3",
     "model.tiny.hidden_size=32",
     "model.tiny.intermediate_size=64",
     "trainer.micro_batch_per_device=4",
@@ -73,15 +73,15 @@ def probe_stage(stage: int, run_dir: str) -> dict:
     start = base_model_dir(run)
     model, run.tokenizer = load_model(run, start)
     loop = PolicyGradientLoop(run, model, start)
-    sample_own_share = loop.sample_groups
+    sample_own_share = loop.sample
 
     def sample_global_batch(rows, timer):
         every_rank_rows = [row for part in all_gather_objects(rows) for row in part]
-        groups = sample_own_share(every_rank_rows, timer)  # the same on every rank: same seed, same weights
-        share = groups.num_groups // world_size()
-        return groups.select_groups(list(range(rank() * share, (rank() + 1) * share)))
+        batch = sample_own_share(every_rank_rows, timer)  # the same on every rank: same seed, same weights
+        share = batch.num_groups // world_size()
+        return batch.select_groups(list(range(rank() * share, (rank() + 1) * share)))
 
-    loop.sample_groups = sample_global_batch
+    loop.sample = sample_global_batch
     metrics = []
     for step in range(1, STEPS + 1):
         torch.manual_seed(1000 + step)

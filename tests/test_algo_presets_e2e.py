@@ -21,9 +21,13 @@ def distinct_characters(prompts, completions, **_) -> list[float]:
 
 
 def preset_loop(name: str) -> str:
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_module
 
-    return OmegaConf.load(CONF_ALGO / f"{name}.yaml").get("loop", "policy_gradient")
+    from rlkit.config import register_schema
+
+    register_schema()
+    with initialize_config_module(config_module="rlkit.conf", version_base="1.3"):
+        return compose("config", overrides=["run_name=x", f"algo={name}"]).algo.loop
 
 
 def trains_on_sampled_or_reference_text(name: str) -> bool:
@@ -56,7 +60,7 @@ def train_preset(tmp_path_factory, compose_config):
             drop=("algo.group_size",),
         )
         cfg = compose_config(
-            f"algo={name}", f"reward.fn={__name__}:distinct_characters", "algo.lr=1e-3", *overrides, *extra
+            f"algo={name}", f"reward.fn={__name__}:distinct_characters", "algo.optim.lr=1e-3", *overrides, *extra
         )
         validate(cfg)
         train(cfg, str(run_dir))
@@ -95,13 +99,13 @@ def train_steps(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("critic", ["separate", "shared_head"])
+@pytest.mark.parametrize("critic", ["critic", "value_head"])
 def test_ppo_critic_is_checkpointed_and_resumed(train_preset, critic):
     """Two steps, then a resumed third: the critic must come back trained. A fresh value
     head outputs 0 everywhere, which makes the explained variance of step 3 exactly 0."""
-    run_dir = train_preset("ppo", f"algo.critic.type={critic}", "trainer.save_every=1")
-    assert (run_dir / "checkpoints" / "2" / "training_state_critic").is_dir() == (critic == "separate")
-    train_preset("ppo", f"algo.critic.type={critic}", "trainer.save_every=1", "trainer.max_steps=3", run_dir=run_dir)
+    run_dir = train_preset("ppo", f"algo/value_source={critic}", "trainer.save_every=1")
+    assert (run_dir / "checkpoints" / "2" / "training_state_critic").is_dir() == (critic == "critic")
+    train_preset("ppo", f"algo/value_source={critic}", "trainer.save_every=1", "trainer.max_steps=3", run_dir=run_dir)
     steps = train_steps(run_dir)
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert steps[0]["critic/explained_variance"] == 0.0  # the zero-initialised head

@@ -3,7 +3,6 @@ checked against hand-worked values and limiting cases."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import socket
 from pathlib import Path
@@ -11,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from rlkit.algos import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageInputs, aggregate_loss
+from rlkit.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdvantageInputs, aggregate_loss
 from rlkit.algos.advantages import (
     bnpo_advantage,
     bnpo_beta_parameters,
@@ -25,18 +25,25 @@ from rlkit.algos.advantages import (
     w_reinforce_advantage,
 )
 from rlkit.algos.masked import group_stats, masked_mean
-from rlkit.algos.policy_losses import ce_gppo_loss, clipped_surrogate, gspo_loss, pspo_loss
-from rlkit.config import AlgoConfig, ConfigError
+from rlkit.algos.policy_losses import ce_gppo_loss, gspo_loss, pspo_loss
+from rlkit.loops.registry import LOOPS
+from rlkit.registry import GROUPS
 from rlkit.rewards import REWARDS, build_reward
 from rlkit.rewards.shaping import overlong_penalty_reward, overlong_penalty_value
+from rlkit.settings import ConfigError, check_settings
 
 F64 = torch.float64
 CONF_ALGO = Path(__file__).resolve().parents[1] / "conf" / "algo"
 
 
-def cfg(**changes) -> AlgoConfig:
-    """The schema's defaults (the papers' values) with ``changes``."""
-    return dataclasses.replace(AlgoConfig(name="test"), **changes)
+def adv(name: str, **changes):
+    """Advantage estimator ``name``'s settings: its defaults (the papers' values) with ``changes``."""
+    return ADVANTAGE_ESTIMATORS.make_settings(name, **changes)
+
+
+def policy_loss(name: str, **changes):
+    """Policy loss ``name``'s settings: its defaults (the papers' values) with ``changes``."""
+    return POLICY_LOSSES.make_settings(name, **changes)
 
 
 def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
@@ -87,13 +94,16 @@ def test_zoo_names_are_registered():
     assert REWARDS.get("overlong_penalty") is overlong_penalty_reward
 
 
-def test_new_config_defaults_are_the_papers_values():
-    c = AlgoConfig(name="x")
-    assert (c.gamma, c.correct_threshold, c.positive_weight) == (1.0, 0.5, 0.1)  # REINFORCE++ gamma, W-REINFORCE lambda
-    assert (c.gppo_beta1, c.gppo_beta2) == (0.75, 1.0)  # CE-GPPO 7B recipe
-    assert c.pspo_alpha == 0.1
-    assert (c.bnpo_score_min, c.bnpo_score_max) == (0.0, 1.0)
-    assert c.baseline_rollout == "none"
+def test_settings_defaults_are_the_papers_values():
+    assert adv("reinforce_pp").gamma == 1.0  # REINFORCE++: undiscounted
+    assert adv("nsr").correct_threshold == 0.5
+    w = adv("w_reinforce")
+    assert (w.correct_threshold, w.positive_weight) == (0.5, 0.1)  # W-REINFORCE lambda
+    gppo = policy_loss("ce_gppo")
+    assert (gppo.beta1, gppo.beta2) == (0.75, 1.0)  # CE-GPPO 7B recipe
+    assert policy_loss("pspo").alpha == 0.1
+    bnpo = adv("bnpo")
+    assert (bnpo.score_min, bnpo.score_max) == (0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- RLOO
@@ -101,7 +111,7 @@ def test_new_config_defaults_are_the_papers_values():
 
 def test_rloo_hand_values_and_group_of_one():
     inputs = make_inputs(**SIX)
-    advantages, returns = rloo_advantage(inputs, cfg())
+    advantages, returns = rloo_advantage(inputs, adv("rloo"))
     # group {1, 0, 2}: 1 - (0+2)/2 = 0;  0 - (1+2)/2 = -1.5;  2 - (1+0)/2 = 1.5
     # group {3, 5}:    3 - 5 = -2;       5 - 3 = 2
     # group {7}:       no other sample -> 0
@@ -112,8 +122,8 @@ def test_rloo_hand_values_and_group_of_one():
 
 def test_rloo_is_grpo_without_std_scaled_by_k_over_k_minus_one():
     inputs = make_inputs(**SIX)
-    rloo, _ = rloo_advantage(inputs, cfg())
-    centred, _ = grpo_advantage(inputs, cfg(norm_adv_by_std=False))
+    rloo, _ = rloo_advantage(inputs, adv("rloo"))
+    centred, _ = grpo_advantage(inputs, adv("grpo", norm_by_std=False))
     # k = 3 -> x 3/2; k = 2 -> x 2; k = 1 -> both 0
     factor = torch.tensor([1.5, 1.5, 1.5, 2.0, 2.0, 1.0])[:, None]
     close(rloo, centred * factor)
@@ -121,7 +131,7 @@ def test_rloo_is_grpo_without_std_scaled_by_k_over_k_minus_one():
 
 def test_rloo_all_equal_rewards_give_zero():
     inputs = make_inputs(scores=(0.5, 0.5, 0.5), lengths=(1, 2, 3), groups=(4, 4, 4))
-    assert torch.equal(rloo_advantage(inputs, cfg())[0], torch.zeros(3, 3))
+    assert torch.equal(rloo_advantage(inputs, adv("rloo"))[0], torch.zeros(3, 3))
 
 
 # --------------------------------------------------------------------------- REINFORCE++
@@ -133,7 +143,7 @@ def test_reinforce_pp_return_to_go_and_global_normalisation_hand_values():
     # sample 1 (1 token): score -0.5 -> return (-0.5)
     inputs = make_inputs(scores=(1.0, -0.5), lengths=(3, 1), groups=(0, 1), shaping=[[-0.1, -0.2, -0.3], [0.0]])
     eps = 1e-6
-    advantages, returns = reinforce_pp_advantage(inputs, cfg(adv_eps=eps))
+    advantages, returns = reinforce_pp_advantage(inputs, adv("reinforce_pp", eps=eps))
     close(returns, [[0.4, 0.5, 0.7], [-0.5, 0.0, 0.0]])
     # over the 4 response tokens: mean = (0.4 + 0.5 + 0.7 - 0.5)/4 = 0.275
     # deviations (0.125, 0.225, 0.425, -0.775); squares sum 0.8475; population var 0.211875
@@ -142,13 +152,13 @@ def test_reinforce_pp_return_to_go_and_global_normalisation_hand_values():
         advantages, [[0.125 / (std + eps), 0.225 / (std + eps), 0.425 / (std + eps)], [-0.775 / (std + eps), 0.0, 0.0]]
     )
     # without the std: centred only
-    centred, _ = reinforce_pp_advantage(inputs, cfg(norm_adv_by_std=False))
+    centred, _ = reinforce_pp_advantage(inputs, adv("reinforce_pp", norm_by_std=False))
     close(centred, [[0.125, 0.225, 0.425], [-0.775, 0.0, 0.0]])
 
 
 def test_reinforce_pp_discounted_returns():
     inputs = make_inputs(scores=(1.0,), lengths=(3,), groups=(0,), horizon=4)
-    _, returns = reinforce_pp_advantage(inputs, cfg(gamma=0.5))
+    _, returns = reinforce_pp_advantage(inputs, adv("reinforce_pp", gamma=0.5))
     # r = (0, 0, 1, pad): G_2 = 1, G_1 = 0.5 * 1, G_0 = 0.5^2 * 1
     close(returns, [[0.25, 0.5, 1.0, 0.0]])
 
@@ -159,7 +169,7 @@ def test_reinforce_pp_advantages_have_zero_mean_and_unit_std_over_masked_tokens(
     shaping = [(0.05 * torch.randn(n, generator=generator)).tolist() for n in lengths]
     scores = torch.randint(0, 2, (12,), generator=generator).float().tolist()
     inputs = make_inputs(scores, lengths, list(range(12)), horizon=8, shaping=shaping)
-    advantages, _ = reinforce_pp_advantage(inputs, cfg(adv_eps=1e-8))
+    advantages, _ = reinforce_pp_advantage(inputs, adv("reinforce_pp", eps=1e-8))
     mask = inputs.response_mask
     mean = masked_mean(advantages.double(), mask)
     close(mean, 0.0, atol=1e-6)
@@ -170,7 +180,7 @@ def test_reinforce_pp_advantages_have_zero_mean_and_unit_std_over_masked_tokens(
 def test_reinforce_pp_baseline_subtracts_group_mean_then_normalises_globally():
     inputs = make_inputs(**SIX)
     eps = 1e-6
-    advantages, _ = reinforce_pp_baseline_advantage(inputs, cfg(adv_eps=eps))
+    advantages, _ = reinforce_pp_baseline_advantage(inputs, adv("reinforce_pp_baseline", eps=eps))
     # r - group mean: (0, -1, 1 | -1, 1 | 0), on (3, 1, 2 | 3, 1 | 2) tokens = 12 tokens
     # token values: 0,0,0, -1, 1,1, -1,-1,-1, 1, 0,0 -> sum -1, mean -1/12
     # squares sum 7 -> population var 7/12 - (1/12)^2 = 83/144, std sqrt(83)/12 = 0.759203
@@ -182,7 +192,7 @@ def test_reinforce_pp_baseline_subtracts_group_mean_then_normalises_globally():
 
 def test_reinforce_pp_baseline_all_equal_rewards_give_zero_not_nan():
     inputs = make_inputs(scores=(1.0, 1.0, 1.0, 1.0), lengths=(1, 2, 3, 1), groups=(0, 0, 1, 1))
-    advantages, _ = reinforce_pp_baseline_advantage(inputs, cfg())
+    advantages, _ = reinforce_pp_baseline_advantage(inputs, adv("reinforce_pp_baseline"))
     assert torch.equal(advantages, torch.zeros(4, 3))  # all centred to 0; 0 / (0 + eps) = 0
 
 
@@ -190,7 +200,7 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str, parts) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {
-            name: ADVANTAGE_ESTIMATORS.get(name)(parts[rank], cfg())[0]
+            name: ADVANTAGE_ESTIMATORS.get(name)(parts[rank], adv(name))[0]
             for name in ("reinforce_pp", "reinforce_pp_baseline", "bnpo")
         }
         torch.save(results, Path(out_dir) / f"{rank}.pt")
@@ -217,7 +227,7 @@ def test_batch_statistics_are_global_over_processes(tmp_path):
     torch.multiprocessing.spawn(_rank_worker, args=(2, port, str(tmp_path), halves), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
     for name in ("reinforce_pp", "reinforce_pp_baseline", "bnpo"):
-        expected, _ = ADVANTAGE_ESTIMATORS.get(name)(whole, cfg())
+        expected, _ = ADVANTAGE_ESTIMATORS.get(name)(whole, adv(name))
         close(torch.cat([parts[0][name], parts[1][name]]), expected, atol=1e-6)
 
 
@@ -226,7 +236,7 @@ def test_batch_statistics_are_global_over_processes(tmp_path):
 
 def test_remax_is_reward_minus_greedy_reward_on_every_token():
     inputs = make_inputs(scores=(1.0, 0.0, 0.5), lengths=(3, 1, 2), groups=(0, 1, 2), baseline=(0.5, 0.0, 1.0))
-    advantages, returns = remax_advantage(inputs, cfg())
+    advantages, returns = remax_advantage(inputs, adv("remax"))
     close(advantages, per_token([0.5, 0.0, -0.5], inputs))
     close(returns, per_token([1.0, 0.0, 0.5], inputs))
 
@@ -234,13 +244,13 @@ def test_remax_is_reward_minus_greedy_reward_on_every_token():
 def test_remax_with_per_token_shaping_uses_the_return_to_go():
     # token rewards (-0.1, 1.0 - 0.1): returns-to-go (0.8, 0.9); greedy baseline 0.5
     inputs = make_inputs(scores=(1.0,), lengths=(2,), groups=(0,), baseline=(0.5,), shaping=[[-0.1, -0.1]])
-    advantages, _ = remax_advantage(inputs, cfg())
+    advantages, _ = remax_advantage(inputs, adv("remax"))
     close(advantages, [[0.3, 0.4, 0.0]])
 
 
 def test_remax_without_baseline_scores_says_what_to_set():
-    with pytest.raises(ValueError, match="algo.baseline_rollout=greedy"):
-        remax_advantage(make_inputs(scores=(1.0,), lengths=(1,), groups=(0,)), cfg())
+    with pytest.raises(ValueError, match="algo/value_source=greedy"):
+        remax_advantage(make_inputs(scores=(1.0,), lengths=(1,), groups=(0,)), adv("remax"))
 
 
 # --------------------------------------------------------------------------- NSR / W-REINFORCE
@@ -251,18 +261,23 @@ BINARY = dict(scores=(1.0, 0.0, 1.1, 0.1, 0.5), lengths=(1, 2, 3, 1, 2), groups=
 
 def test_nsr_trains_only_on_wrong_samples():
     inputs = make_inputs(**BINARY)
-    advantages, _ = nsr_advantage(inputs, cfg())
+    advantages, _ = nsr_advantage(inputs, adv("nsr"))
     close(advantages, per_token([0.0, -1.0, 0.0, -1.0, -1.0], inputs))
     # a lower threshold makes 0.5 right (and 0.1 still wrong)
-    close(nsr_advantage(inputs, cfg(correct_threshold=0.3))[0], per_token([0.0, -1.0, 0.0, -1.0, 0.0], inputs))
+    close(nsr_advantage(inputs, adv("nsr", correct_threshold=0.3))[0], per_token([0.0, -1.0, 0.0, -1.0, 0.0], inputs))
 
 
 def test_w_reinforce_weights_right_samples_by_lambda():
     inputs = make_inputs(**BINARY)
-    close(w_reinforce_advantage(inputs, cfg())[0], per_token([0.1, -1.0, 0.1, -1.0, -1.0], inputs))
+    close(w_reinforce_advantage(inputs, adv("w_reinforce"))[0], per_token([0.1, -1.0, 0.1, -1.0, -1.0], inputs))
     # lambda = 1 is plain REINFORCE with rewards in {+1, -1}; lambda = 0 is NSR
-    close(w_reinforce_advantage(inputs, cfg(positive_weight=1.0))[0], per_token([1.0, -1.0, 1.0, -1.0, -1.0], inputs))
-    close(w_reinforce_advantage(inputs, cfg(positive_weight=0.0))[0], nsr_advantage(inputs, cfg())[0])
+    close(
+        w_reinforce_advantage(inputs, adv("w_reinforce", positive_weight=1.0))[0],
+        per_token([1.0, -1.0, 1.0, -1.0, -1.0], inputs),
+    )
+    close(
+        w_reinforce_advantage(inputs, adv("w_reinforce", positive_weight=0.0))[0], nsr_advantage(inputs, adv("nsr"))[0]
+    )
 
 
 # --------------------------------------------------------------------------- BNPO
@@ -302,7 +317,7 @@ def test_bnpo_with_alpha_beta_three_halves_is_grpo_with_population_std_times_pi_
     # groups of 4 with success rates 1/4, 1/2, 3/4 -> alpha = beta = 3/2 (previous test)
     # f(p) = sqrt(p(1-p)) / B(3/2, 3/2) with B(3/2, 3/2) = pi/8, so A = (pi/8) (x - p) / sqrt(p(1-p))
     inputs = groups_of([(1, 4), (2, 4), (3, 4)])
-    advantages, _ = bnpo_advantage(inputs, cfg())
+    advantages, _ = bnpo_advantage(inputs, adv("bnpo"))
     expected = []
     for successes in (1, 2, 3):
         p = successes / 4
@@ -317,7 +332,7 @@ def test_bnpo_with_alpha_beta_three_halves_is_grpo_with_population_std_times_pi_
 def test_bnpo_with_uniform_density_is_reinforce_with_group_baseline():
     # rates 0, 1, 1/2 are over-dispersed -> alpha = beta = 1, f = 1, A = x - p
     inputs = groups_of([(0, 2), (2, 2), (1, 2)])
-    advantages, _ = bnpo_advantage(inputs, cfg())
+    advantages, _ = bnpo_advantage(inputs, adv("bnpo"))
     close(advantages[:, 0], [0.0, 0.0, 0.0, 0.0, 0.5, -0.5])
 
 
@@ -327,7 +342,7 @@ def test_bnpo_all_right_or_all_wrong_groups_give_zero_and_stay_finite():
     inputs = groups_of([(0, 4), (4, 4), (2, 4), (2, 4), (2, 4)])
     p, _, size = group_stats(inputs.scores.double(), inputs.group_index)
     assert bnpo_beta_parameters(p, size) == pytest.approx((7 / 6, 7 / 6))
-    advantages, _ = bnpo_advantage(inputs, cfg())
+    advantages, _ = bnpo_advantage(inputs, adv("bnpo"))
     assert torch.isfinite(advantages).all()
     assert torch.equal(advantages[:8], torch.zeros(8, 1))
     # p = 1/2: f = (1/4)^(1/6) / B(7/6, 7/6); A = +-0.5 / f
@@ -337,16 +352,17 @@ def test_bnpo_all_right_or_all_wrong_groups_give_zero_and_stay_finite():
 
 def test_bnpo_group_of_one_gets_zero_and_scores_are_mapped_onto_the_unit_interval():
     alone = make_inputs(scores=(1.0,), lengths=(2,), groups=(0,))
-    assert torch.equal(bnpo_advantage(alone, cfg())[0], torch.zeros(1, 3))
-    # scores in {0, 2} with bnpo_score_max = 2 behave as {0, 1}
+    assert torch.equal(bnpo_advantage(alone, adv("bnpo"))[0], torch.zeros(1, 3))
+    # scores in {0, 2} with score_max = 2 behave as {0, 1}
     binary = groups_of([(1, 4), (2, 4), (3, 4)])
     doubled = AdvantageInputs(2 * binary.token_rewards, binary.response_mask, binary.group_index)
-    close(bnpo_advantage(doubled, cfg(bnpo_score_max=2.0))[0], bnpo_advantage(binary, cfg())[0])
+    close(bnpo_advantage(doubled, adv("bnpo", score_max=2.0))[0], bnpo_advantage(binary, adv("bnpo"))[0])
     # a score above the range is clipped into it: 1.1 counts as 1
     bonus = AdvantageInputs(binary.token_rewards * 1.1, binary.response_mask, binary.group_index)
-    close(bnpo_advantage(bonus, cfg())[0], bnpo_advantage(binary, cfg())[0])
-    with pytest.raises(ValueError, match="bnpo_score_max"):
-        bnpo_advantage(binary, cfg(bnpo_score_min=1.0, bnpo_score_max=1.0))
+    close(bnpo_advantage(bonus, adv("bnpo"))[0], bnpo_advantage(binary, adv("bnpo"))[0])
+    # an empty range is refused before training, naming the key
+    with pytest.raises(ConfigError, match=r"^algo\.advantage\.score_max=1\.0: must be above score_min=1\.0$"):
+        check_settings(adv("bnpo", score_min=1.0, score_max=1.0), "algo.advantage")
 
 
 # --------------------------------------------------------------------------- GSPO
@@ -358,9 +374,10 @@ def test_gspo_at_ratio_one_has_the_gradient_of_the_clipped_loss_with_seq_mean_to
     advantages = torch.randn(4, 1, generator=generator, dtype=F64).expand(4, 5).contiguous()
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0]])
     grads = []
-    for fn in (gspo_loss, clipped_surrogate):
+    for name in ("gspo", "clipped"):
         lp = log_prob.clone().requires_grad_(True)
-        loss, _ = fn(lp, log_prob.clone(), advantages, mask, cfg(clip_low=3e-4, clip_high=4e-4))
+        settings = policy_loss(name, clip_low=3e-4, clip_high=4e-4)
+        loss, _ = POLICY_LOSSES.get(name)(lp, log_prob.clone(), advantages, mask, settings)
         close(loss.detach() * mask, -advantages * mask)  # value -A on every token
         aggregate_loss(loss, mask, "seq-mean-token-mean").backward()
         grads.append(lp.grad)
@@ -376,7 +393,7 @@ def test_gspo_token_form_equals_the_sequence_objective_off_policy():
     new = old + 0.02 * torch.randn(5, 6, generator=generator, dtype=F64)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4, [1] * 5 + [0], [1] + [0] * 5])
     adv_seq = torch.tensor([1.0, -1.0, 0.5, -2.0, 1.5], dtype=F64)
-    c = cfg(clip_low=3e-3, clip_high=4e-3)
+    c = policy_loss("gspo", clip_low=3e-3, clip_high=4e-3)
 
     lp = new.clone().requires_grad_(True)
     loss, metrics = gspo_loss(lp, old, adv_seq[:, None].expand(5, 6), mask, c)
@@ -403,7 +420,9 @@ def test_gspo_clips_whole_sequences_and_ignores_padding():
         (-1.0, math.sqrt(2), math.sqrt(2)),  # A < 0: min picks s A (pessimistic), loss -s A, d/d log pi_t = -A s
     ):
         lp = new.clone().requires_grad_(True)
-        loss, metrics = gspo_loss(lp, old, torch.full((1, 3), a, dtype=F64), mask, cfg(clip_low=3e-4, clip_high=4e-4))
+        loss, metrics = gspo_loss(
+            lp, old, torch.full((1, 3), a, dtype=F64), mask, policy_loss("gspo", clip_low=3e-4, clip_high=4e-4)
+        )
         loss[0, :2].sum().backward()
         close(loss.detach()[0, :2], [expected_loss] * 2, atol=1e-12)
         close(lp.grad[0, :2], [expected_grad] * 2, atol=1e-12)
@@ -414,11 +433,16 @@ def test_gspo_clips_whole_sequences_and_ignores_padding():
 # --------------------------------------------------------------------------- CE-GPPO
 
 
-def loss_case(fn, ratios, advantages, c):
-    """Per-token loss, metrics and d loss / d log_prob for the given ratios (old_log_prob = 0)."""
+def loss_case(name, ratios, advantages, **settings):
+    """Per-token loss, metrics and d loss / d log_prob of policy loss ``name`` (with ``settings``)
+    for the given ratios (old_log_prob = 0)."""
     log_prob = torch.tensor([ratios], dtype=F64).log().requires_grad_(True)
-    loss, metrics = fn(
-        log_prob, torch.zeros_like(log_prob), torch.tensor([advantages], dtype=F64), torch.ones(1, len(ratios)), c
+    loss, metrics = POLICY_LOSSES.get(name)(
+        log_prob,
+        torch.zeros_like(log_prob),
+        torch.tensor([advantages], dtype=F64),
+        torch.ones(1, len(ratios)),
+        policy_loss(name, **settings),
     )
     loss.sum().backward()
     return loss.detach()[0], metrics, log_prob.grad[0]
@@ -429,18 +453,16 @@ def test_ce_gppo_equals_clipped_when_nothing_is_clipped():
         [1.1, 0.9, 0.7, 1.3, 1.0],
         [1.0, -1.0, 1.0, -1.0, 0.5],
     )  # outside the bounds only on the pessimistic side
-    c = cfg(clip_low=0.2, clip_high=0.2)
-    for got, want in zip(
-        loss_case(ce_gppo_loss, ratios, advs, c)[::2], loss_case(clipped_surrogate, ratios, advs, c)[::2]
-    ):
+    c = dict(clip_low=0.2, clip_high=0.2)
+    for got, want in zip(loss_case("ce_gppo", ratios, advs, **c)[::2], loss_case("clipped", ratios, advs, **c)[::2]):
         close(got, want, atol=1e-12)
 
 
 def test_ce_gppo_keeps_a_bounded_gradient_on_clipped_tokens_hand_values():
-    c = cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=0.75, gppo_beta2=1.0)
+    clip = dict(clip_low=0.2, clip_high=0.28)
     ratios = [1.25, 1.30, 0.70, 0.70, 1.30, 0.85]
     advs = [1.0, 1.0, -1.0, 1.0, -1.0, -2.0]
-    loss, metrics, grad = loss_case(ce_gppo_loss, ratios, advs, c)
+    loss, metrics, grad = loss_case("ce_gppo", ratios, advs, **clip, beta1=0.75, beta2=1.0)
     #   r=1.25, A=+1 inside:             -r A = -1.25;                      grad -r A = -1.25
     #   r=1.30, A=+1 above 1.28:         -beta2 (1.28) A = -1.28;            grad -beta2 (1.28) A = -1.28 (clipped: 0)
     #   r=0.70, A=-1 below 0.8:          -beta1 (0.8) A = 0.75 * 0.8 = 0.6;  grad 0.6                    (clipped: 0)
@@ -453,16 +475,12 @@ def test_ce_gppo_keeps_a_bounded_gradient_on_clipped_tokens_hand_values():
     close(metrics["clip_frac_low"], 1 / 6, atol=1e-12)
     close(metrics["clip_frac_high"], 1 / 6, atol=1e-12)
     # beta = 0 recovers PPO's zero gradient on clipped tokens
-    _, _, grad0 = loss_case(
-        ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=0.0, gppo_beta2=0.0)
-    )
-    _, _, grad_clipped = loss_case(clipped_surrogate, ratios, advs, cfg(clip_low=0.2, clip_high=0.28))
+    _, _, grad0 = loss_case("ce_gppo", ratios, advs, **clip, beta1=0.0, beta2=0.0)
+    _, _, grad_clipped = loss_case("clipped", ratios, advs, **clip)
     close(grad0, grad_clipped, atol=1e-12)
     # beta = 1: the forward value is exactly PPO's clipped value
-    loss1, _, _ = loss_case(
-        ce_gppo_loss, ratios, advs, cfg(clip_low=0.2, clip_high=0.28, gppo_beta1=1.0, gppo_beta2=1.0)
-    )
-    close(loss1, loss_case(clipped_surrogate, ratios, advs, cfg(clip_low=0.2, clip_high=0.28))[0], atol=1e-12)
+    loss1, _, _ = loss_case("ce_gppo", ratios, advs, **clip, beta1=1.0, beta2=1.0)
+    close(loss1, loss_case("clipped", ratios, advs, **clip)[0], atol=1e-12)
 
 
 # --------------------------------------------------------------------------- PSPO
@@ -470,17 +488,17 @@ def test_ce_gppo_keeps_a_bounded_gradient_on_clipped_tokens_hand_values():
 
 def test_pspo_with_alpha_zero_is_the_unclipped_ratio_objective():
     ratios, advs = [1.3, 0.7, 1.0, 2.0], [1.0, -1.0, 0.5, -0.5]
-    loss, metrics, grad = loss_case(pspo_loss, ratios, advs, cfg(pspo_alpha=0.0))
+    loss, metrics, grad = loss_case("pspo", ratios, advs, alpha=0.0)
     # -r A, and its gradient -r A (d r / d log pi = r), never zeroed; PPO's clip at 0.2 zeroes the
     # first two (r = 1.3 with A > 0, r = 0.7 with A < 0)
     close(loss, [-1.3, 0.7, -0.5, 1.0], atol=1e-12)
     close(grad, [-1.3, 0.7, -0.5, 1.0], atol=1e-12)
-    close(loss_case(clipped_surrogate, ratios, advs, cfg())[2], [0.0, 0.0, -0.5, 1.0], atol=1e-12)
+    close(loss_case("clipped", ratios, advs)[2], [0.0, 0.0, -0.5, 1.0], atol=1e-12)
     close(metrics["smoothed_ratio_mean"], metrics["ratio_mean"], atol=1e-12)
 
 
 def test_pspo_smooths_the_ratio_toward_one_hand_values():
-    loss, metrics, grad = loss_case(pspo_loss, [1.3, 0.7, 1.0], [1.0, -1.0, 2.0], cfg(pspo_alpha=0.1))
+    loss, metrics, grad = loss_case("pspo", [1.3, 0.7, 1.0], [1.0, -1.0, 2.0], alpha=0.1)
     # r_s = 0.9 r + 0.1: 1.27, 0.73, 1.0; loss -r_s A; gradient -0.9 r A
     close(loss, [-1.27, 0.73, -2.0], atol=1e-12)
     close(grad, [-1.17, 0.63, -1.8], atol=1e-12)
@@ -543,47 +561,46 @@ def test_every_zoo_algorithm_has_a_preset():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_into_the_schema_and_validates(compose_config, name):
-    from omegaconf import OmegaConf
-
     from rlkit.validate import validate
 
-    needs_pairs = OmegaConf.load(CONF_ALGO / f"{name}.yaml").get("loop") in (
-        "preference",
-        "reward_model",
-    )  # offline preference presets
-    c = compose_config(f"algo={name}", *(["task=hh"] if needs_pairs else []))
+    c = compose_config(f"algo={name}")
+    if c.algo.loop in ("preference", "reward_model"):  # offline preference presets need a task with pairs
+        c = compose_config(f"algo={name}", "task=hh")
     validate(c)
     assert c.algo.name == name
-    assert c.algo.advantage in ADVANTAGE_ESTIMATORS
-    assert c.algo.policy_loss in POLICY_LOSSES
-    assert c.algo.loss_agg in LOSS_AGGREGATIONS
+    assert c.algo.loop in LOOPS
+    for registry in GROUPS.values():  # every component the preset chooses is registered
+        node = OmegaConf.select(c, registry.key, default=None)
+        assert node is None or node[registry.name_field] in registry, registry.key
     text = (CONF_ALGO / f"{name}.yaml").read_text()
     assert text.startswith("#")  # each preset opens with the paper it follows
 
 
 def test_preset_key_values(compose_config):
+    assert compose_config("algo=grpo").algo.value_source.name == "none"  # no extra rollouts unless a preset asks
     dr = compose_config("algo=dr_grpo").algo
-    assert (dr.norm_adv_by_std, dr.loss_agg, dr.kl.coef) == (False, "seq-mean-token-sum-norm", 0.0)
+    assert (dr.advantage.norm_by_std, dr.loss_agg, dr.kl.coef) == (False, "seq-mean-token-sum-norm", 0.0)
     dapo = compose_config("algo=dapo").algo
-    assert (dapo.clip_low, dapo.clip_high, dapo.loss_agg, dapo.dynamic_sampling, dapo.kl.coef) == (
-        0.2,
-        0.28,
-        "token-mean",
-        True,
-        0.0,
-    )
+    assert (dapo.policy_loss.clip_low, dapo.policy_loss.clip_high, dapo.loss_agg) == (0.2, 0.28, "token-mean")
+    assert (dapo.group_filter.name, dapo.kl.coef) == ("dynamic", 0.0)
     gspo = compose_config("algo=gspo").algo
-    assert (gspo.policy_loss, gspo.clip_low, gspo.clip_high, gspo.loss_agg) == (
+    assert (gspo.policy_loss.name, gspo.policy_loss.clip_low, gspo.policy_loss.clip_high, gspo.loss_agg) == (
         "gspo",
         3e-4,
         4e-4,
         "seq-mean-token-mean",
     )
     remax = compose_config("algo=remax").algo
-    assert (remax.advantage, remax.baseline_rollout) == ("remax", "greedy")
+    assert (remax.advantage.name, remax.value_source.name) == ("remax", "greedy")
     rpp = compose_config("algo=reinforce_pp").algo
-    assert (rpp.kl.placement, rpp.kl.estimator, rpp.gamma) == ("reward", "k1", 1.0)
-    assert compose_config("algo=w_reinforce").algo.positive_weight == 0.1
+    assert (rpp.kl.placement, rpp.kl.estimator, rpp.advantage.name, rpp.advantage.gamma) == (
+        "reward",
+        "k1",
+        "reinforce_pp",
+        1.0,
+    )
+    w = compose_config("algo=w_reinforce").algo.advantage
+    assert (w.name, w.positive_weight) == ("w_reinforce", 0.1)
 
 
 def test_dapo_overlong_override_from_the_preset_comment_works(compose_config):
@@ -603,28 +620,53 @@ def test_dapo_overlong_override_from_the_preset_comment_works(compose_config):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (("algo=remax", "algo.baseline_rollout=none"), "baseline_rollout=greedy"),
-        (("algo.baseline_rollout=beam",), "algo.baseline_rollout"),
-        (("algo=pspo", "algo.pspo_alpha=1.0"), "algo.pspo_alpha"),
-        (("algo=reinforce_pp", "algo.gamma=1.5"), "algo.gamma"),
-        (("algo=bnpo", "algo.bnpo_score_max=0.0"), "algo.bnpo_score_max"),
-        (("algo=ce_gppo", "algo.gppo_beta1=-0.5"), "algo.gppo_beta1"),
-        (("algo=w_reinforce", "algo.positive_weight=-1"), "algo.positive_weight"),
-        (("algo=p3o", "algo.p3o_clip=both"), "algo.p3o_clip"),
-        (("algo=p3o", "algo.p3o_weight_cap=0.5"), "algo.p3o_weight_cap"),
-        (("algo=p3o", "algo.group_size=4"), "algo.group_size=2"),
-        (("algo=copg", "algo.group_size=4"), "algo.group_size=2"),
-        (("algo=copg", "algo.beta=0"), "algo.beta"),
-        (("algo=vineppo", "algo.vine.k=0"), "needs Monte-Carlo values"),
-        (("algo=grpo", "algo.vine.k=2"), "only vine reads them"),
-        (("algo=vineppo", "algo.vine.max_states=0"), "algo.vine.max_states"),
-        (("algo=vineppo", "algo.vine.step_tokens=-1"), "algo.vine.step_tokens"),
-        (("algo=vineppo", "algo.reward_norm=running"), "raw reward units"),
-        (("algo=vineppo", "algo.critic.type=separate"), "only gae reads one"),
+        (
+            ("algo=remax", "algo/value_source=none"),
+            "algo.value_source=none: advantage 'remax' reads ['baseline_scores'], and this value source provides none",
+        ),
+        (("algo/value_source=beam",), "algo/value_source=beam: unknown option of group algo/value_source; valid: "),
+        (("algo=pspo", "algo.policy_loss.alpha=1.0"), "algo.policy_loss.alpha=1.0: must be in [0, 1)"),
+        (("algo=reinforce_pp", "algo.advantage.gamma=1.5"), "algo.advantage.gamma=1.5: must be in [0, 1]"),
+        (
+            ("algo=grpo", "algo.advantage.eps=0"),
+            "algo.advantage.eps=0.0: must be positive when norm_by_std is true",
+        ),
+        (("algo=bnpo", "algo.advantage.score_max=0.0"), "algo.advantage.score_max=0.0: must be above score_min=0.0"),
+        (("algo=ce_gppo", "algo.policy_loss.beta1=-0.5"), "algo.policy_loss.beta1=-0.5: must not be negative"),
+        (("algo=w_reinforce", "algo.advantage.positive_weight=-1"), "algo.advantage.positive_weight=-1.0: must not"),
+        (
+            ("algo=p3o", "algo.policy_loss.clipping=both"),
+            "algo.policy_loss.clipping='both': must be one of: joint, separate",
+        ),
+        (("algo=p3o", "algo.policy_loss.weight_cap=0.5"), "algo.policy_loss.weight_cap=0.5: must be at least 1"),
+        (("algo=p3o", "algo.group_size=4"), "algo.group_size=4: policy loss 'p3o' compares the two responses"),
+        (
+            ("algo=copg", "algo.group_size=4"),
+            "algo.group_size=4: policy loss 'copg' compares the two responses of a prompt: set algo.group_size=2",
+        ),
+        (("algo=copg", "algo.policy_loss.beta=0"), "algo.policy_loss.beta=0.0: must be positive"),
+        (("algo=rloo", "algo.group_size=1"), "algo.group_size=1: advantage 'rloo' compares the samples of a prompt"),
+        (("algo=vineppo", "algo.value_source.k=0"), "algo.value_source.k=0: must be at least 1"),
+        (
+            ("algo=grpo", "algo/value_source=monte_carlo"),
+            "algo.value_source=monte_carlo: advantage 'grpo' reads no values, and this value source provides",
+        ),
+        (("algo=vineppo", "algo.value_source.max_states=0"), "algo.value_source.max_states=0: must be at least 1"),
+        (("algo=vineppo", "algo.value_source.step_tokens=-1"), "algo.value_source.step_tokens=-1: must not be"),
+        (("algo=vineppo", "algo.reward_norm=running"), "algo.reward_norm='running': Monte-Carlo values are in raw"),
+        (
+            ("algo=ppo", "algo/advantage=vine"),
+            "algo.value_source=critic: advantage 'vine' reads ['step_ids', 'values'], and this value source provides",
+        ),
     ],
 )
 def test_validation_rejects_bad_zoo_knobs(compose_config, overrides, message):
+    """What `rlkit train` reports: the overrides composed (check_overrides), then the composed config checked."""
+    from rlkit.overrides import check_overrides
     from rlkit.validate import validate
 
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as error:
+        check_overrides(list(overrides))
         validate(compose_config(*overrides))
+    assert str(error.value).startswith(message), str(error.value)
+    assert "\n" not in str(error.value)

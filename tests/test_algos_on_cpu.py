@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,12 +24,14 @@ from rlkit.registry import Registry, UnknownNameError
 F64 = torch.float64
 
 
-def adv_cfg(norm_adv_by_std: bool, adv_eps: float = 1e-6) -> SimpleNamespace:
-    return SimpleNamespace(norm_adv_by_std=norm_adv_by_std, adv_eps=adv_eps)
+def adv_cfg(norm_by_std: bool, eps: float = 1e-6):
+    """GRPO's settings (rlkit.algos.advantages.NormalisedSettings)."""
+    return ADVANTAGE_ESTIMATORS.make_settings("grpo", norm_by_std=norm_by_std, eps=eps)
 
 
-def clip_cfg(clip_low: float = 0.2, clip_high: float = 0.2) -> SimpleNamespace:
-    return SimpleNamespace(clip_low=clip_low, clip_high=clip_high)
+def clip_cfg(clip_low: float = 0.2, clip_high: float = 0.2):
+    """The clipped surrogate's settings (rlkit.algos.policy_losses.ClipSettings)."""
+    return POLICY_LOSSES.make_settings("clipped", clip_low=clip_low, clip_high=clip_high)
 
 
 def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:

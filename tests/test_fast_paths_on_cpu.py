@@ -158,7 +158,7 @@ def half_constant_reward(prompts, completions, **_) -> list[float]:
 def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path, compose_config, monkeypatch):
     from safetensors.torch import load_file
 
-    from rlkit.loops.policy_gradient import PolicyGradientLoop
+    from rlkit.loops.update import PolicyUpdate
     from rlkit.trainer import train
 
     def run(name: str) -> tuple[Path, list[dict]]:
@@ -167,7 +167,7 @@ def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path,
         cfg = compose_config(
             "algo=grpo",
             "algo.kl.coef=0",
-            "algo.lr=1e-3",
+            "algo.optim.lr=1e-3",
             f"reward.fn={__name__}:half_constant_reward",
             *fast_overrides(
                 "trainer.max_steps=3",
@@ -183,9 +183,9 @@ def test_skipping_zero_advantage_responses_leaves_the_update_unchanged(tmp_path,
 
     skipping, skip_records = run("skip")
     monkeypatch.setattr(
-        PolicyGradientLoop,
+        PolicyUpdate,
         "rows_with_gradient",
-        lambda self, rows, *_: list(rows.tensor_split(self.engine.gradient_accumulation_steps())),
+        lambda self, rows: list(rows.tensor_split(self.loop.engine.gradient_accumulation_steps())),
     )
     every_row, all_records = run("all")
     assert max(r["actor/skipped_zero_advantage_frac"] for r in skip_records) > 0

@@ -15,8 +15,14 @@ import torch
 from conftest import fast_overrides
 
 from rlkit.algos.token_masks import masked_log_probs, top_p_mask
-from rlkit.config import NLPOConfig
-from rlkit.loops.nlpo import FrozenModelCheckpoint, MaskPolicyProcessor, NLPOLoop, copy_weights, mask_policy_set
+from rlkit.loops.nlpo import (
+    FrozenModelCheckpoint,
+    MaskPolicyProcessor,
+    MaskPolicySettings,
+    NLPOLoop,
+    copy_weights,
+    mask_policy_set,
+)
 from rlkit.rollout.generate import generate
 from rlkit.rollout.logprobs import response_logits, token_log_probs
 
@@ -71,7 +77,7 @@ def test_min_tokens_to_keep_and_batched_shapes():
 
 
 def test_mask_policy_set_keeps_eos_unless_min_new_tokens_bans_it():
-    nlpo = NLPOConfig(top_p=0.5, keep_eos=True)
+    nlpo = MaskPolicySettings(top_p=0.5, keep_eos=True)
     logits = torch.tensor([0.05, 0.03, 0.02, 0.9]).log()  # token 3 is EOS
     assert torch.equal(mask_policy_set(logits, nlpo, 1.0, eos_token_id=3), mask_of(3))
     assert torch.equal(
@@ -80,7 +86,7 @@ def test_mask_policy_set_keeps_eos_unless_min_new_tokens_bans_it():
     # EOS banned: the top-p set of the other tokens, renormalised [.5, .3, .2]: mass before token 1 is .5, not below .5
     assert torch.equal(mask_policy_set(logits, nlpo, 1.0, eos_token_id=3, eos_banned=True), mask_of(0))
     assert torch.equal(
-        mask_policy_set(logits, NLPOConfig(top_p=0.6), 1.0, eos_token_id=3, eos_banned=True), mask_of(0, 1)
+        mask_policy_set(logits, MaskPolicySettings(top_p=0.6), 1.0, eos_token_id=3, eos_banned=True), mask_of(0, 1)
     )
     per_position = mask_policy_set(
         logits.expand(2, 3, 4), nlpo, 1.0, eos_token_id=3, eos_banned=torch.tensor([True, False, False])
@@ -172,7 +178,7 @@ def inside(allowed, rollout) -> torch.Tensor:
 @pytest.mark.parametrize("temperature, keep_eos, min_new_tokens", [(1.0, False, 0), (1.5, True, 0), (1.0, True, 5)])
 def test_rollouts_only_contain_tokens_of_the_mask_policys_top_p_set(models, temperature, keep_eos, min_new_tokens):
     policy, mask_model, tokenizer = models
-    nlpo = NLPOConfig(top_p=0.5, keep_eos=keep_eos)
+    nlpo = MaskPolicySettings(top_p=0.5, keep_eos=keep_eos)
     processor = MaskPolicyProcessor(
         mask_model, nlpo, temperature, tokenizer.eos_token_id, tokenizer.pad_token_id, min_new_tokens
     )
@@ -202,7 +208,7 @@ def test_rollouts_only_contain_tokens_of_the_mask_policys_top_p_set(models, temp
 def test_mask_processor_with_the_policy_itself_keeps_at_least_p_of_its_mass(models):
     policy, _, tokenizer = models
     processor = MaskPolicyProcessor(
-        policy, NLPOConfig(top_p=0.9, keep_eos=False), 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
+        policy, MaskPolicySettings(top_p=0.9, keep_eos=False), 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id
     )
     torch.manual_seed(1)
     generate(policy, tokenizer, PROMPTS, num_samples=4, max_new_tokens=8, logits_processor=processor)
@@ -212,7 +218,7 @@ def test_mask_processor_with_the_policy_itself_keeps_at_least_p_of_its_mass(mode
 def bare_loop(policy, mask_model, tokenizer, nlpo, temperature=1.0, reference=None) -> NLPOLoop:
     """An NLPOLoop with only what log_probs reads (no engines, no run directory)."""
     loop = NLPOLoop.__new__(NLPOLoop)
-    loop.algo = SimpleNamespace(sampling=SimpleNamespace(temperature=temperature, min_new_tokens=0))
+    loop.settings = SimpleNamespace(sampling=SimpleNamespace(temperature=temperature, min_new_tokens=0))
     loop.run = SimpleNamespace(tokenizer=tokenizer)
     loop.nlpo, loop.mask_model, loop.reference, loop.targets_outside = nlpo, mask_model, reference, [0.0, 0.0]
     return loop
@@ -220,7 +226,7 @@ def bare_loop(policy, mask_model, tokenizer, nlpo, temperature=1.0, reference=No
 
 def test_loop_scores_the_masked_policy_and_leaves_the_reference_unmasked(models):
     policy, mask_model, tokenizer = models
-    nlpo, temperature = NLPOConfig(top_p=0.5, keep_eos=True), 0.8
+    nlpo, temperature = MaskPolicySettings(top_p=0.5, keep_eos=True), 0.8
     loop = bare_loop(policy, mask_model, tokenizer, nlpo, temperature, reference=mask_model)
     torch.manual_seed(2)
     rollout = generate(
@@ -262,7 +268,7 @@ def test_loop_scores_the_masked_policy_and_leaves_the_reference_unmasked(models)
 
 def test_loop_with_p_one_is_plain_ppo_scoring(models):
     policy, _, tokenizer = models
-    loop = bare_loop(policy, policy, tokenizer, NLPOConfig(top_p=1.0))
+    loop = bare_loop(policy, policy, tokenizer, MaskPolicySettings(top_p=1.0))
     torch.manual_seed(3)
     rollout = generate(policy, tokenizer, PROMPTS, num_samples=2, max_new_tokens=6)
     with torch.no_grad():
@@ -317,8 +323,8 @@ def train_nlpo(tmp_path_factory, compose_config):
         cfg = compose_config(
             "algo=nlpo",
             f"reward.fn={__name__}:distinct_characters",
-            "algo.lr=1e-3",
-            "algo.nlpo.mask_update_every=3",
+            "algo.optim.lr=1e-3",
+            "algo.mask.update_every=3",
             *overrides,
         )
         validate(cfg)

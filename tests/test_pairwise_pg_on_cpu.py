@@ -3,7 +3,6 @@ pairs with padding, and their limiting cases (ratio 1, equal rewards, the optimu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -11,13 +10,23 @@ import torch
 
 from rlkit.algos import POLICY_LOSSES, aggregate_loss
 from rlkit.algos.policy_losses import clipped_surrogate, copg_loss, optional_inputs, p3o_loss
-from rlkit.config import AlgoConfig
 
 F64 = torch.float64
 
 
-def cfg(**changes) -> AlgoConfig:
-    return dataclasses.replace(AlgoConfig(name="test"), **changes)
+def p3o(**changes):
+    """P3O's settings (P3OSettings: its defaults, the paper's, with ``changes``)."""
+    return POLICY_LOSSES.make_settings("p3o", **changes)
+
+
+def copg(**changes):
+    """CoPG's settings (CoPGSettings)."""
+    return POLICY_LOSSES.make_settings("copg", **changes)
+
+
+def clipped(**changes):
+    """The clipped surrogate's settings (ClipSettings)."""
+    return POLICY_LOSSES.make_settings("clipped", **changes)
 
 
 def close(actual, expected, atol=1e-12):
@@ -46,14 +55,16 @@ def test_registered_with_their_inputs_and_defaults():
     assert POLICY_LOSSES.get("p3o") is p3o_loss and POLICY_LOSSES.get("copg") is copg_loss
     assert optional_inputs(p3o_loss) == ("group_index",)
     assert optional_inputs(copg_loss) == ("ref_log_prob", "group_index")
-    assert (AlgoConfig(name="x").p3o_clip, AlgoConfig(name="x").p3o_weight_cap) == ("joint", 10.0)
+    defaults = p3o()
+    assert (defaults.clipping, defaults.weight_cap, defaults.clip_low, defaults.clip_high) == ("joint", 10.0, 0.2, 0.2)
+    assert copg().beta == 0.1
 
 
 # --------------------------------------------------------------------------- P3O
 
 
 def test_p3o_joint_hand_values():
-    loss, metrics, grad = run(p3o_loss, NEW, OLD, ADV, cfg(p3o_clip="joint", clip_low=0.2, clip_high=0.2))
+    loss, metrics, grad = run(p3o_loss, NEW, OLD, ADV, p3o(clipping="joint", clip_low=0.2, clip_high=0.2))
     # every token of a row carries the row's value
     assert torch.equal(loss, loss[:, :1].expand_as(loss))
     # pair 1 (rows 0, 2): d = 0.25 - (-0.05) = 0.3, g = 2 - 1 = 1, w = exp(0.25 - 0.05) = e^0.2;
@@ -68,7 +79,7 @@ def test_p3o_joint_hand_values():
 
 
 def test_p3o_separate_hand_values():
-    loss, metrics, grad = run(p3o_loss, NEW, OLD, ADV, cfg(p3o_clip="separate", clip_low=0.2, clip_high=0.2))
+    loss, metrics, grad = run(p3o_loss, NEW, OLD, ADV, p3o(clipping="separate", clip_low=0.2, clip_high=0.2))
     # each row: -w min(l g, clip(l) g) with its own log-ratio l and gap g (twice its term of the pair's sum)
     #   row 0: l = 0.25, g = 1  -> clipped at 0.2: -0.2 w, no gradient
     #   row 2: l = -0.05, g = -1 -> 0.05:         -0.05 w, gradient -w g = w
@@ -88,18 +99,18 @@ def test_p3o_at_ratio_one_is_reinforce_with_the_reward_difference(variant):
     log_prob = -torch.rand(4, 3, generator=generator, dtype=F64)
     gap = torch.tensor([1.0, -3.0, -1.0, 3.0], dtype=F64)[:, None] * MASK
     lp = log_prob.clone().requires_grad_(True)
-    loss, _ = p3o_loss(lp, log_prob, ADV, MASK, cfg(p3o_clip=variant), group_index=GROUPS)
+    loss, _ = p3o_loss(lp, log_prob, ADV, MASK, p3o(clipping=variant), group_index=GROUPS)
     close(loss, torch.zeros_like(loss))
     aggregate_loss(loss, MASK, "seq-mean-token-mean").backward()
     reference = log_prob.clone().requires_grad_(True)
-    ppo, _ = clipped_surrogate(reference, log_prob, gap, MASK, cfg())
+    ppo, _ = clipped_surrogate(reference, log_prob, gap, MASK, clipped())
     aggregate_loss(ppo, MASK, "seq-mean-token-sum").backward()
     close(lp.grad * MASK, reference.grad * MASK)
 
 
 @pytest.mark.parametrize("variant", ["joint", "separate"])
 def test_p3o_equal_rewards_give_no_loss_and_no_gradient_off_policy(variant):
-    loss, _, grad = run(p3o_loss, NEW, OLD, torch.full_like(ADV, 0.7), cfg(p3o_clip=variant))
+    loss, _, grad = run(p3o_loss, NEW, OLD, torch.full_like(ADV, 0.7), p3o(clipping=variant))
     close(loss, torch.zeros_like(loss))
     close(grad, torch.zeros_like(grad))
 
@@ -110,11 +121,11 @@ def test_p3o_pair_weight_is_clipped_into_one_over_c_and_c():
     # pair 0: log-ratios 2.55, 2.45 (rho1 rho2 = e^5 -> c = 10); pair 1: -2.5, -2.5 (e^-5 -> 1/c)
     new = torch.tensor([[2.55], [2.45], [-2.5], [-2.5]], dtype=F64)
     advantages = torch.tensor([[1.0], [-1.0], [0.5], [-0.5]], dtype=F64)  # gaps 2, -2, 1, -1
-    loss, metrics = p3o_loss(new, old, advantages, mask, cfg(p3o_weight_cap=10.0), group_index=groups)
+    loss, metrics = p3o_loss(new, old, advantages, mask, p3o(weight_cap=10.0), group_index=groups)
     # pair 0: d = 0.1 inside, loss -10 * 0.1 * 2 / 2 = -1; pair 1: d = 0, loss 0
     close(loss[:, 0], [-1.0, -1.0, 0.0, 0.0])
     close(metrics["pair_weight_mean"], (10 + 10 + 0.1 + 0.1) / 4)
-    unweighted, metrics = p3o_loss(new, old, advantages, mask, cfg(p3o_weight_cap=1.0), group_index=groups)
+    unweighted, metrics = p3o_loss(new, old, advantages, mask, p3o(weight_cap=1.0), group_index=groups)
     close(unweighted[:, 0], [-0.1, -0.1, 0.0, 0.0])
     close(metrics["pair_weight_mean"], 1.0)
 
@@ -128,7 +139,7 @@ REF = torch.tensor(
 
 def test_copg_hand_values():
     # sequence log-ratios to REF: 0.15, 0.06, -0.05, -0.06; beta = 0.5; OLD (all 1s) must not enter the loss
-    loss, metrics, grad = run(copg_loss, NEW, torch.ones_like(OLD), ADV, cfg(beta=0.5), ref_log_prob=REF)
+    loss, metrics, grad = run(copg_loss, NEW, torch.ones_like(OLD), ADV, copg(beta=0.5), ref_log_prob=REF)
     # pair 1: R_b(y0) - R_b(y2) = (2 - 1) - 0.5 (0.15 + 0.05) = 0.9 -> 0.81 on both rows
     # pair 0: (0 - 3) - 0.5 (0.06 + 0.06) = -3.06 -> 9.3636 on both rows
     close(loss[:, 0], [0.81, 9.3636, 0.81, 9.3636])
@@ -144,10 +155,10 @@ def test_copg_at_the_reference_policy_is_reinforce_scaled_by_four_beta():
     log_prob = -torch.rand(4, 3, generator=generator, dtype=F64)
     gap = torch.tensor([1.0, -3.0, -1.0, 3.0], dtype=F64)[:, None] * MASK
     lp = log_prob.clone().requires_grad_(True)
-    loss, _ = copg_loss(lp, log_prob, ADV, MASK, cfg(beta=0.3), ref_log_prob=log_prob, group_index=GROUPS)
+    loss, _ = copg_loss(lp, log_prob, ADV, MASK, copg(beta=0.3), ref_log_prob=log_prob, group_index=GROUPS)
     aggregate_loss(loss, MASK, "seq-mean-token-mean").backward()
     reference = log_prob.clone().requires_grad_(True)
-    ppo, _ = clipped_surrogate(reference, log_prob, gap, MASK, cfg())
+    ppo, _ = clipped_surrogate(reference, log_prob, gap, MASK, clipped())
     aggregate_loss(ppo, MASK, "seq-mean-token-sum").backward()
     close(lp.grad * MASK, 4 * 0.3 * reference.grad * MASK)
 
@@ -157,11 +168,11 @@ def test_copg_is_zero_at_the_regularised_optimum_and_pulls_equal_rewards_togethe
     beta = 0.5
     # log-ratios 2, -6, 0, 0 (padding wild): 0.5 (2 - 0) = 1 = 2 - 1 and 0.5 (-6 - 0) = -3 = 0 - 3
     optimum = torch.tensor([[1.5, 0.5, 9.0], [-2.0, -2.0, -2.0], [0.0, 7.0, 7.0], [0.5, -0.5, 3.0]], dtype=F64)
-    loss, _, grad = run(copg_loss, optimum, OLD, ADV, cfg(beta=beta), ref_log_prob=torch.zeros_like(REF))
+    loss, _, grad = run(copg_loss, optimum, OLD, ADV, copg(beta=beta), ref_log_prob=torch.zeros_like(REF))
     close(loss, torch.zeros_like(loss))
     close(grad, torch.zeros_like(grad))
     # equal rewards: loss beta^2 (l - l')^2, a pull of the two log-ratios toward each other
-    loss, _, grad = run(copg_loss, NEW, OLD, torch.zeros_like(ADV), cfg(beta=beta), ref_log_prob=torch.zeros_like(REF))
+    loss, _, grad = run(copg_loss, NEW, OLD, torch.zeros_like(ADV), copg(beta=beta), ref_log_prob=torch.zeros_like(REF))
     close(loss[:, 0], [0.25 * 0.3**2, 0.25 * 0.12**2, 0.25 * 0.3**2, 0.25 * 0.12**2])
     # d/dl of 2 beta^2 (l - l')^2 = 4 beta^2 (l - l'): descent lowers the higher log-ratio and raises the lower one
     close(grad, torch.tensor([[0.3, 0.3, 0], [0.12, 0.12, 0.12], [-0.3, 0, 0], [-0.12, -0.12, 0]], dtype=F64) * MASK)
@@ -170,29 +181,23 @@ def test_copg_is_zero_at_the_regularised_optimum_and_pulls_equal_rewards_togethe
 def test_pairwise_losses_need_exactly_two_rows_per_group():
     bad = torch.tensor([0, 0, 0, 1])
     with pytest.raises(ValueError, match="exactly two"):
-        p3o_loss(NEW, OLD, ADV, MASK, cfg(), group_index=bad)
+        p3o_loss(NEW, OLD, ADV, MASK, p3o(), group_index=bad)
     with pytest.raises(ValueError, match="exactly two"):
-        copg_loss(NEW, OLD, ADV, MASK, cfg(), ref_log_prob=REF, group_index=bad)
+        copg_loss(NEW, OLD, ADV, MASK, copg(), ref_log_prob=REF, group_index=bad)
 
 
 # --------------------------------------------------------------------------- presets and validation
 
 
 def test_preset_values(compose_config):
-    p3o = compose_config("algo=p3o").algo
-    assert (p3o.policy_loss, p3o.advantage, p3o.norm_adv_by_std, p3o.group_size, p3o.p3o_clip) == (
-        "p3o",
-        "grpo",
-        False,
-        2,
-        "joint",
+    p3o_preset = compose_config("algo=p3o").algo
+    assert (p3o_preset.policy_loss.name, p3o_preset.policy_loss.clipping, p3o_preset.group_size) == ("p3o", "joint", 2)
+    assert (p3o_preset.advantage.name, p3o_preset.advantage.norm_by_std) == ("grpo", False)
+    assert (p3o_preset.kl.placement, p3o_preset.kl.estimator, p3o_preset.loss_agg) == (
+        "reward",
+        "k1",
+        "seq-mean-token-mean",
     )
-    assert (p3o.kl.placement, p3o.kl.estimator, p3o.loss_agg) == ("reward", "k1", "seq-mean-token-mean")
-    copg = compose_config("algo=copg").algo
-    assert (copg.policy_loss, copg.advantage, copg.norm_adv_by_std, copg.group_size, copg.kl.coef) == (
-        "copg",
-        "grpo",
-        False,
-        2,
-        0.0,
-    )
+    copg_preset = compose_config("algo=copg").algo
+    assert (copg_preset.policy_loss.name, copg_preset.group_size, copg_preset.kl.coef) == ("copg", 2, 0.0)
+    assert (copg_preset.advantage.name, copg_preset.advantage.norm_by_std) == ("grpo", False)

@@ -1,5 +1,5 @@
 """End to end: every preference, ranking and rejection-sampling preset through the real
-CLI on the HH-RLHF sample, in one Hydra multirun (one process, jobs in order): the
+CLI on the HH-RLHF sample, in Hydra multiruns (one process each, jobs in order): the
 reward model trained first is the ``reward=model`` of the online presets after it."""
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ TINY = (
     "model.warmstart.steps=2",
     "eval.num_examples=8",
     "trainer.prompts_per_step_global=4",
-    "algo.group_size=4",
     "logger.mode=disabled",
     "logger.progress_bar=false",
     "model.tiny.hidden_size=32",
     "model.tiny.intermediate_size=64",
-    "algo.correct_threshold=-1e9",  # rft keeps every sample: an untrained reward model's scores carry no meaning
+)
+# each sweep's presets share its overrides: settings only the online presets (or only rft) have
+SWEEPS = (
+    (("rm", *OFFLINE), ()),
+    (("online_dpo", "rso"), ("algo.group_size=4",)),
+    # rft keeps every sample: an untrained reward model's scores carry no meaning
+    (("rft",), ("algo.group_size=4", "algo.selection.correct_threshold=-1e9")),
 )
 
 
@@ -43,17 +48,19 @@ def sweep(tmp_path_factory) -> Path:
         pytest.skip(f"HH-RLHF sample not found at {HH_FILE}")
     cwd = tmp_path_factory.mktemp("preference")
     root = cwd / "sweep"
-    args = [
-        "train",
-        "--multirun",
-        f"algo=rm,{','.join(OFFLINE + ONLINE)}",
-        *TINY,
-        "reward=model",
-        f"reward.terms.model.args.path={root / 'rm' / 'checkpoints' / '2'}",
-        f"hydra.sweep.dir={root}",
-        "hydra.sweep.subdir=${algo.name}",
-    ]
-    rlkit(args, cwd, timeout=900).check()
+    for presets, overrides in SWEEPS:
+        args = [
+            "train",
+            "--multirun",
+            f"algo={','.join(presets)}",
+            *TINY,
+            *overrides,
+            "reward=model",
+            f"reward.terms.model.args.path={root / 'rm' / 'checkpoints' / '2'}",
+            f"hydra.sweep.dir={root}",
+            "hydra.sweep.subdir=${algo.name}",
+        ]
+        rlkit(args, cwd, timeout=900).check()
     return root
 
 

@@ -4,11 +4,11 @@ preference tasks' parsing (HH dialogues, malformed rows, the held-out split)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +21,13 @@ from rlkit.tasks import build_task
 from rlkit.tasks.preference import Malformed, split_dialogue
 
 HH_FILE = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-CFG = SimpleNamespace(beta=0.5, label_smoothing=0.2, rpo_alpha=2.0, sft_weight=0.5, correct_threshold=0.5)
+VALUES = dict(beta=0.5, label_smoothing=0.2, alpha=2.0, sft_weight=0.5)  # the hand-computed cases' settings
+
+
+def loss_settings(name: str, **changes):
+    """The settings of preference loss ``name``: those of ``VALUES`` (with ``changes``) that it has."""
+    fields = {f.name for f in dataclasses.fields(PREFERENCE_LOSSES.settings(name))}
+    return PREFERENCE_LOSSES.make_settings(name, **{k: v for k, v in {**VALUES, **changes}.items() if k in fields})
 
 
 def pair(chosen: float, rejected: float, ref_chosen: float, ref_rejected: float, lengths=(2.0, 4.0)) -> ResponseSet:
@@ -55,14 +61,23 @@ PAIR = dict(chosen=-3.0, rejected=-5.0, ref_chosen=-4.0, ref_rejected=-4.0)
     ],
 )
 def test_pairwise_losses_match_hand_computed_values(name, expected):
-    loss, metrics = PREFERENCE_LOSSES.get(name)(pair(**PAIR), CFG)
+    loss, metrics = PREFERENCE_LOSSES.get(name)(pair(**PAIR), loss_settings(name))
     assert loss.shape == (1,)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert metrics["accuracy"].item() == 1.0 and metrics["margin"].item() == pytest.approx(BETA_H)
 
 
+def test_ipo_length_normalized_divides_each_log_ratio_by_its_length():
+    # TRL's form: chosen (-3 - -4) / 2 = 0.5, rejected (-5 - -4) / 4 = -0.25, h = 0.75; tau = beta = 0.5
+    settings = loss_settings("ipo", length_normalized=True)
+    loss, metrics = PREFERENCE_LOSSES.get("ipo")(pair(**PAIR, lengths=(2.0, 4.0)), settings)
+    assert loss.item() == pytest.approx((0.75 - 1 / (2 * 0.5)) ** 2)
+    assert metrics["margin"].item() == pytest.approx(0.5 * 0.75)
+    assert loss_settings("ipo").length_normalized is False  # the paper's summed log-ratios by default
+
+
 def test_hinge_is_positive_inside_the_margin():
-    loss, _ = PREFERENCE_LOSSES.get("hinge")(pair(-3.0, -4.0, -4.0, -4.0), CFG)  # beta h = 0.5
+    loss, _ = PREFERENCE_LOSSES.get("hinge")(pair(-3.0, -4.0, -4.0, -4.0), loss_settings("hinge"))  # beta h = 0.5
     assert loss.item() == pytest.approx(0.5)
 
 
@@ -73,14 +88,14 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected():
     )
     for name in ("sigmoid", "ipo", "cdpo", "robust", "rpo"):
         log_probs.grad = None
-        loss, _ = PREFERENCE_LOSSES.get(name)(responses, SimpleNamespace(**{**vars(CFG), "beta": 0.1}))
+        loss, _ = PREFERENCE_LOSSES.get(name)(responses, loss_settings(name, beta=0.1))
         loss.sum().backward()
         assert log_probs.grad[0, 0] < 0 < log_probs.grad[0, 1], (
             name
         )  # descent raises log pi(chosen), lowers log pi(rejected)
     # DPO's gradient, Eq. 8: -beta sigmoid(-beta h) on the chosen log-prob
     log_probs.grad = None
-    PREFERENCE_LOSSES.get("sigmoid")(responses, SimpleNamespace(beta=0.1))[0].sum().backward()
+    PREFERENCE_LOSSES.get("sigmoid")(responses, loss_settings("sigmoid", beta=0.1))[0].sum().backward()
     assert log_probs.grad[0, 0].item() == pytest.approx(-0.1 * sigmoid(-0.1 * 2.0))
     assert log_probs.grad[0, 1].item() == pytest.approx(0.1 * sigmoid(-0.1 * 2.0))
 
@@ -99,7 +114,7 @@ def ranked(log_probs, lengths, scores, mask=None) -> ResponseSet:
 def test_rrhf_ranking_hinge_and_sft_term():
     # p = [-1, -0.5, -2] for scores [3, 2, 1]: only the pair (best, second) is mis-ordered, by 0.5
     responses = ranked([-2.0, -1.0, -4.0], [2.0, 2.0, 2.0], [3.0, 2.0, 1.0])
-    loss, metrics = PREFERENCE_LOSSES.get("rrhf")(responses, CFG)
+    loss, metrics = PREFERENCE_LOSSES.get("rrhf")(responses, loss_settings("rrhf"))
     assert metrics["rank_loss"].item() == pytest.approx(0.5)
     assert loss.item() == pytest.approx(0.5 + 0.5 * 2.0)  # + sft_weight * NLL of the best (token sum)
 
@@ -109,7 +124,7 @@ def test_pro_listwise_loss_and_padding():
     responses = ranked(p, [1.0, 1.0, 1.0], [3.0, 2.0, 1.0])
     first = -math.log(math.exp(p[0]) / sum(math.exp(x) for x in p))
     second = -math.log(math.exp(p[1]) / (math.exp(p[1]) + math.exp(p[2])))
-    loss, metrics = PREFERENCE_LOSSES.get("pro")(responses, CFG)
+    loss, metrics = PREFERENCE_LOSSES.get("pro")(responses, loss_settings("pro"))
     assert metrics["listwise_loss"].item() == pytest.approx(first + second, rel=1e-5)
     assert loss.item() == pytest.approx(first + second + 0.5 * 1.0, rel=1e-5)
     # a masked third slot makes it a pair: -log sigmoid(p1 - p2), and gradients stay finite
@@ -117,7 +132,7 @@ def test_pro_listwise_loss_and_padding():
     padded = ResponseSet(
         log_probs, None, torch.ones(1, 3), torch.tensor([[3.0, 2.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0]])
     )
-    loss, metrics = PREFERENCE_LOSSES.get("pro")(padded, CFG)
+    loss, metrics = PREFERENCE_LOSSES.get("pro")(padded, loss_settings("pro"))
     assert metrics["listwise_loss"].item() == pytest.approx(-math.log(sigmoid(1.0)), rel=1e-5)
     loss.sum().backward()
     assert torch.isfinite(log_probs.grad).all() and log_probs.grad[0, 2] == 0
@@ -131,7 +146,7 @@ def test_sft_loss_averages_kept_responses_and_ignores_empty_sets():
         torch.zeros(2, 2),
         torch.tensor([[1.0, 1.0], [0.0, 0.0]]),
     )
-    loss, _ = PREFERENCE_LOSSES.get("sft")(responses, CFG)
+    loss, _ = PREFERENCE_LOSSES.get("sft")(responses, loss_settings("sft"))
     assert loss.tolist() == pytest.approx([(1.0 + 2.0) / 2, 0.0])
 
 
@@ -141,14 +156,15 @@ def test_bradley_terry_loss():
 
 
 def test_best_worst_selection_skips_ties():
-    index, mask = RESPONSE_SELECTIONS.get("best_worst")(torch.tensor([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0]]), CFG)
+    scores = torch.tensor([[0.1, 0.9, 0.5], [1.0, 1.0, 1.0]])
+    index, mask = RESPONSE_SELECTIONS.get("best_worst")(scores, RESPONSE_SELECTIONS.make_settings("best_worst"))
     assert index[0].tolist() == [1, 0] and mask.tolist() == [[1, 1], [0, 0]]
 
 
 def test_rejection_sampling_accepts_by_reward_and_orders_the_pair():
     torch.manual_seed(0)
     scores = torch.tensor([[0.0, 5.0, 4.9, -50.0]] * 400)
-    index, mask = RESPONSE_SELECTIONS.get("rejection")(scores, SimpleNamespace(beta=1.0))
+    index, mask = RESPONSE_SELECTIONS.get("rejection")(scores, RESPONSE_SELECTIONS.make_settings("rejection", beta=1.0))
     valid = mask[:, 0].bool()
     # the best always passes; 4.9 with probability exp(-0.1) = 0.90, 0.0 with exp(-5), -50 never
     assert 0.8 < valid.float().mean() < 0.98
@@ -159,7 +175,8 @@ def test_rejection_sampling_accepts_by_reward_and_orders_the_pair():
 
 
 def test_above_threshold_keeps_correct_best_first():
-    index, mask = RESPONSE_SELECTIONS.get("above_threshold")(torch.tensor([[0.0, 1.0, 1.0, 0.0]]), CFG)
+    settings = RESPONSE_SELECTIONS.make_settings("above_threshold", correct_threshold=0.5)
+    index, mask = RESPONSE_SELECTIONS.get("above_threshold")(torch.tensor([[0.0, 1.0, 1.0, 0.0]]), settings)
     assert index[0, :2].tolist() == [1, 2] and mask.tolist() == [[1, 1, 0, 0]]
 
 
@@ -239,13 +256,13 @@ def test_hh_sample_parses_with_few_malformed_rows():
         (("algo=dpo",), "algo.loop=preference needs a preference task"),
         (("algo=online_dpo", "task=hh", "reward=model"), "reward.terms.model.args.path is required"),
         (
-            ("algo=online_dpo", "task=hh", "algo.reference=precomputed"),
-            "algo.reference=precomputed needs fixed responses",
+            ("algo=cdpo", "task=hh", "algo.preference_loss.label_smoothing=0.5"),
+            "algo.preference_loss.label_smoothing=0.5: must be in [0, 0.5)",
         ),
-        (("algo=cdpo", "task=hh", "algo.label_smoothing=0.5"), "algo.label_smoothing=0.5 must be in [0, 0.5)"),
         (
             ("algo=dpo", "task=hh", "algo.preference_loss=nope"),
-            "algo.preference_loss='nope' is not one of: cdpo, hinge, ipo, pro, robust, rpo, rrhf, sft, sigmoid",
+            "algo.preference_loss=nope: choose the preference loss as a config group, algo/preference_loss=nope "
+            "(valid: cdpo, hinge, ipo, pro, robust, rpo, rrhf, sft, sigmoid)",
         ),
     ],
 )
@@ -255,6 +272,17 @@ def test_preference_config_errors_name_the_key(overrides, message, compose_confi
     with pytest.raises(ConfigError) as error:
         validate(compose_config(*overrides))
     assert message in str(error.value)
+
+
+def test_online_loops_have_no_precomputed_reference(compose_config):
+    # their responses are sampled anew every step, so the reference cannot score them once up front
+    from rlkit.overrides import check_overrides
+
+    with pytest.raises(ConfigError) as error:
+        check_overrides(["algo=online_dpo", "task=hh", "algo.reference=precomputed"])
+    assert str(error.value).startswith(
+        "algo.reference: algo preset 'online_dpo' (loop online_preference) has no setting 'reference'"
+    )
 
 
 def test_every_preference_preset_validates(compose_config):

@@ -30,13 +30,13 @@ def test_hardware_presets_reach_deepspeed(preset: str, stage: int, compose_confi
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("hardware.num_procs=0", "hardware.num_procs=0 must be at least 1"),
-        ("trainer.preempt_signals=[SIGKILL]", "trainer.preempt_signals: 'SIGKILL' is not one of"),
+        ("hardware.num_procs=0", "hardware.num_procs=0: must be at least 1"),
+        ("trainer.preempt_signals=[SIGKILL]", "trainer.preempt_signals=['SIGKILL']: 'SIGKILL' is not one of"),
         ("hardware.num_procs=3", "trainer.prompts_per_step_global=32 must divide evenly over 3 processes"),
         (
             "hardware.dtype=float8",
-            "hardware.dtype='float8' is not one of: float32, bfloat16, float16",
-        ),  # not model.dtype, which follows it
+            "hardware.dtype='float8': must be one of: float32, bfloat16, float16",
+        ),
     ],
 )
 def test_scale_out_keys_are_checked(override: str, message: str, compose_config):
@@ -44,8 +44,9 @@ def test_scale_out_keys_are_checked(override: str, message: str, compose_config)
     from rlkit.validate import validate
 
     cfg = compose_config(override)
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError) as error:
         validate(cfg, cfg.hardware.num_procs)
+    assert message in str(error.value)
 
 
 def test_preemption_watch_notes_its_signals_only():

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlkit.algos import AdvantageInputs
+from rlkit.algos import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from rlkit.algos.gae import gae_advantage, generalized_advantages
-from rlkit.config import AlgoConfig, ConfigError, TruncationConfig
 from rlkit.loops.tppo import InFlight, ResponsePool, whole_responses
 from rlkit.rollout.generate import Rollout, left_pad, response_mask_from_eos
 
@@ -91,7 +90,7 @@ def test_bootstrap_lands_on_each_rows_last_token_whatever_its_length():
 
 
 def test_the_registered_gae_estimator_reads_the_bootstrap_values():
-    cfg = dataclasses.replace(AlgoConfig(name="test"), gamma=1.0, lam=1.0, norm_adv_by_std=False)
+    cfg = ADVANTAGE_ESTIMATORS.make_settings("gae", gamma=1.0, lam=1.0, norm_by_std=False)
     inputs = AdvantageInputs(REWARDS, MASK, torch.tensor([0, 1]), values=VALUES, bootstrap_values=LAST_VALUE_BOOTSTRAP)
     advantages, returns = gae_advantage(inputs, cfg)
     close(advantages, [[-0.1, 0.2, 0.0], [-0.5, 1.5, 0.0]])
@@ -227,20 +226,22 @@ def test_left_pad():
 # --------------------------------------------------------------------------- config checks
 
 
-def test_truncation_config_checks(compose_config):
-    from rlkit.validate import validate
-
-    validate(compose_config("algo=tppo"))
-    assert TruncationConfig().window == 0  # other loops read nothing
-    for overrides, message in (
-        (["algo.truncation.window=0"], "window=0 must be at least 1"),
-        (["algo.truncation.value_lam=1.5"], "value_lam"),
-        (["algo.critic.type=shared_head"], "critic.type=separate"),
-        (["algo.dynamic_sampling=true"], "dynamic_sampling"),
-        (["algo=ppo", "algo.truncation.window=8"], "read only by algo.loop=truncated_ppo"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            validate(compose_config("algo=tppo", *overrides))
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.truncation.window=0"], "algo.truncation.window=0: must be at least 1"),
+        (["algo.truncation.value_lam=1.5"], "algo.truncation.value_lam=1.5: must be in [0, 1]"),
+        (["algo/value_source=value_head"], "algo.value_source=value_head: T-PPO trains a value model apart"),
+        (["algo/group_filter=dynamic"], "algo.group_filter=dynamic: T-PPO samples a window per step"),
+        (
+            ["algo=ppo", "algo.truncation.window=8"],
+            "algo.truncation: algo preset 'ppo' (loop policy_gradient) has no setting",
+        ),
+    ],
+)
+def test_truncation_config_checks(config_error, overrides, message):
+    assert config_error("algo=tppo") is None
+    assert message in (config_error("algo=tppo", *overrides) or "")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -270,7 +271,7 @@ def train_tppo(compose_config, run_dir: Path, *extra: str) -> list[dict]:
         compose_config(
             "algo=tppo",
             f"reward.fn={__name__}:distinct_characters",
-            "algo.lr=1e-3",
+            "algo.optim.lr=1e-3",
             "algo.truncation.window=8",
             *overrides,
         ),

@@ -4,7 +4,7 @@ in the reward's range), plus the preset and its validation."""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from types import SimpleNamespace
 
 import pytest
@@ -12,11 +12,13 @@ import torch
 
 from rlkit.algos import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from rlkit.algos.vine import vine_advantage
-from rlkit.config import AlgoConfig, SamplingConfig, VineConfig
+from rlkit.loops.mc_values import MonteCarloEstimator, MonteCarloSettings
+from rlkit.loops.registry import SamplingSettings
+from rlkit.rollout.backends import ROLLOUTS
 
 
-def cfg(**changes) -> AlgoConfig:
-    return dataclasses.replace(AlgoConfig(name="test", norm_adv_by_std=False), **changes)
+def cfg(**changes):
+    return ADVANTAGE_ESTIMATORS.make_settings("vine", **{"norm_by_std": False, **changes})
 
 
 def close(actual, expected, atol=1e-6):
@@ -84,7 +86,7 @@ def test_whitening_over_the_batch():
         [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]],
         [[0, 0, 1, 1, 2], [0, 0, 0, 0, 0]],
         [[0.5, 0.5, 0.25, 0.25, 1.0], [0.4, 0.4, 0.0, 0.0, 0.0]],
-        norm_adv_by_std=True,
+        norm_by_std=True,
     )
     tokens = advantages[torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()].double()
     assert abs(float(tokens.mean())) < 1e-6 and abs(float(tokens.std(unbiased=False)) - 1) < 1e-5
@@ -94,7 +96,7 @@ def test_whitening_over_the_batch():
 
 def test_without_values_or_step_ids_says_what_to_set():
     inputs = AdvantageInputs(torch.zeros(1, 2), torch.ones(1, 2), torch.zeros(1), values=torch.zeros(1, 2))
-    with pytest.raises(ValueError, match="algo.vine.k"):
+    with pytest.raises(ValueError, match="algo/value_source=monte_carlo"):
         vine_advantage(inputs, cfg())
 
 
@@ -160,8 +162,8 @@ class RecordingReward:
 
 def hand_groups(tokenizer, device="cpu"):
     """Two prompts x two responses, tokenized by hand: responses 0 and 1 share their first line."""
+    from rlkit.loops.experience import Experience
     from rlkit.rollout.generate import Rollout
-    from rlkit.rollout.groups import Groups
 
     prompts = ["3+4=", "12+30="]
     texts = ["3+4=7\n#### 7", "3+4=7\n#### 8", "12+30=42\n#### 42", "12+30=4"]  # the last one is truncated
@@ -191,32 +193,45 @@ def hand_groups(tokenizer, device="cpu"):
         {"question": p[:-1], "answer": a} for p, a in (("3+4=", "7"), ("3+4=", "7"), ("12+30=", "42"), ("12+30=", "42"))
     ]
     return (
-        Groups(
-            rows, [p for p in prompts for _ in range(2)], rollout.to(device), texts, [1.0, 0.0, 1.0, 0.0], {}, None, 2
+        Experience(
+            rows, [p for p in prompts for _ in range(2)], rollout.to(device), texts, [1.0, 0.0, 1.0, 0.0], {}, 2
         ),
         responses,
         width,
     )
 
 
-def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
-    import rlkit.loops.mc_values as mc
+def estimator_for(model, tokenizer, reward, settings, max_new_tokens, min_new_tokens=0, temperature=1.0, sampled=None):
+    """The Monte-Carlo estimator with rlkit's own sampler (recording its calls into ``sampled``)
+    and the run's reward scoring around ``reward``."""
+    from rlkit.run import Run
 
+    backend = ROLLOUTS.get("hf")(
+        ROLLOUTS.make_settings("hf"),
+        model=model,
+        tokenizer=tokenizer,
+        sampling=SamplingSettings(temperature=temperature),
+    )
+
+    def sample(prompt_ids, **kwargs):
+        if sampled is not None:
+            sampled.append((prompt_ids, kwargs))
+        return backend.sample(prompt_ids, **kwargs)
+
+    score = functools.partial(Run.score, SimpleNamespace(tokenizer=tokenizer, reward=reward, columns=Run.columns))
+    return MonteCarloEstimator(tokenizer, settings, sample, score, max_new_tokens, min_new_tokens)
+
+
+def test_mc_values_prefixes_k_continuations_and_range(tiny):
     model, tokenizer = tiny
     groups, responses, width = hand_groups(tokenizer)
-    reward, k = RecordingReward(), 3
-    sampled = []
-    real_sample = mc.sample
-
-    def recording_sample(model, prefix_ids, prefix_mask, **kwargs):
-        sampled.append((prefix_ids.clone(), prefix_mask.clone(), kwargs))
-        return real_sample(model, prefix_ids, prefix_mask, **kwargs)
-
-    monkeypatch.setattr(mc, "sample", recording_sample)
+    reward, k, sampled = RecordingReward(), 3, []
     max_new = width + 2
-    estimator = mc.MonteCarloValues(tokenizer, reward, VineConfig(k=k), SamplingConfig(max_new_tokens=max_new))
+    estimator = estimator_for(
+        model, tokenizer, reward, MonteCarloSettings(name="monte_carlo", k=k), max_new, sampled=sampled
+    )
     torch.manual_seed(0)
-    estimate = estimator(model, groups)
+    estimate = estimator(groups)
 
     # steps: a newline ends the first line; the truncated response has one step
     steps = estimate.step_ids
@@ -232,15 +247,11 @@ def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
     expected = [(0, 0), (0, newline_at[0] + 1), (2, 0), (2, newline_at[2] + 1)]
     assert list(zip(estimate.state_rows, estimate.prefixes)) == expected
     assert len(sampled) == 1  # one batched call for every prefix
-    prefix_ids, prefix_mask, kwargs = sampled[0]
-    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"].tolist() == [
-        max_new - start for _, start in expected
-    ]  # each response's own budget
-    for i, (row, start) in enumerate(expected):
+    prefixes, kwargs = sampled[0]
+    assert kwargs["num_samples"] == k and kwargs["max_new_tokens"] == [max_new - start for _, start in expected]
+    for i, (row, start) in enumerate(expected):  # each continued from its prompt + response prefix, nothing else
         prompt = groups.rollout.prompt_ids[row][groups.rollout.prompt_mask[row].bool()].tolist()
-        want = prompt + responses[row][:start]
-        assert prefix_ids[i][prefix_mask[i].bool()].tolist() == want  # prompt + response prefix, nothing else
-        assert prefix_mask[i].tolist() == [0] * (prefix_mask.shape[1] - len(want)) + [1] * len(want)  # left-padded
+        assert prefixes[i] == prompt + responses[row][:start]
 
     # the reward saw K completions per state, each the response prefix plus a continuation, with that row's fields
     (call,) = reward.calls
@@ -266,19 +277,13 @@ def test_mc_values_prefixes_k_continuations_and_range(tiny, monkeypatch):
 
 
 def test_mc_values_force_the_budget_and_respect_min_new_tokens(tiny):
-    from rlkit.loops.mc_values import MonteCarloValues
-
     model, tokenizer = tiny
     groups, responses, width = hand_groups(tokenizer)
     reward = RecordingReward()
-    estimator = MonteCarloValues(
-        tokenizer,
-        reward,
-        VineConfig(k=4, step_delimiter="", step_tokens=2),
-        SamplingConfig(max_new_tokens=width, min_new_tokens=width - 1, temperature=2.0),
-    )
+    settings = MonteCarloSettings(name="monte_carlo", k=4, step_delimiter="", step_tokens=2)
+    estimator = estimator_for(model, tokenizer, reward, settings, width, min_new_tokens=width - 1, temperature=2.0)
     torch.manual_seed(1)
-    estimator(model, groups)
+    estimator(groups)
     for ids in reward.calls[0]["completion_ids"]:
         assert width - 1 <= len(ids) <= width  # no EOS before min_new_tokens, nothing past max_new_tokens
         assert tokenizer.eos_token_id not in ids[: width - 2]
@@ -287,22 +292,24 @@ def test_mc_values_force_the_budget_and_respect_min_new_tokens(tiny):
 # --------------------------------------------------------------------------- preset and validation
 
 
-def test_vineppo_preset(compose_config):
-    from rlkit.validate import validate
-
-    c = compose_config("algo=vineppo")
-    validate(c)
-    algo = c.algo
-    assert (algo.advantage, algo.policy_loss, algo.critic.type, algo.vine.step_delimiter) == (
+def test_vineppo_preset(config_error, compose_config):
+    assert config_error("algo=vineppo") is None
+    algo = compose_config("algo=vineppo").algo
+    assert (algo.advantage.name, algo.policy_loss.name, algo.value_source.name, algo.value_source.step_delimiter) == (
         "vine",
         "clipped",
-        "none",
+        "monte_carlo",
         "\n",
     )
-    assert algo.vine.k >= 1 and (algo.kl.coef, algo.kl.placement, algo.clip_low, algo.update_epochs) == (
+    assert algo.value_source.k >= 1 and (
+        algo.kl.coef,
+        algo.kl.placement,
+        algo.policy_loss.clip_low,
+        algo.update_epochs,
+    ) == (
         1e-4,
         "loss",
         0.2,
         2,
     )
-    assert AlgoConfig(name="x").vine.k == 0  # nothing is sampled for other algorithms
+    assert compose_config("algo=ppo").algo.value_source.name == "critic"  # nothing is sampled for other algorithms

@@ -3,7 +3,7 @@
 All are ``no_grad`` functions of rollout tensors. ``settings`` is the estimator's own
 settings dataclass (the ``algo.advantage`` config node). An estimator that reads more than
 the rewards declares it: ``@uses("values")``, ``@uses("baseline_scores")``, ...; the
-configured value source (``algo.values``) must provide those inputs.
+configured value source (``algo.value_source``) must provide those inputs.
 """
 
 from __future__ import annotations
@@ -268,13 +268,13 @@ def remax_advantage(inputs: AdvantageInputs, settings: Settings) -> tuple[torch.
     A_t = sum_{k >= t} r_k - r(x, y_greedy). Without per-token shaping this is
     r(x, y) - r(x, y_greedy) on every token, the paper's estimator; with a KL penalty in
     the reward each token keeps the penalty still ahead of it. r(x, y_greedy) comes from
-    ``inputs.baseline_scores``, which the ``greedy`` value source fills (``algo/values=greedy``).
+    ``inputs.baseline_scores``, which the ``greedy`` value source fills (``algo/value_source=greedy``).
     Returns (A, return-to-go).
     """
     if inputs.baseline_scores is None:
         raise ValueError(
             "advantage 'remax' needs the greedy baseline score of every sample "
-            "(AdvantageInputs.baseline_scores): set algo/values=greedy"
+            "(AdvantageInputs.baseline_scores): set algo/value_source=greedy"
         )
     mask = _float_mask(inputs.response_mask)
     returns = _returns_to_go(inputs.token_rewards, inputs.response_mask, 1.0)

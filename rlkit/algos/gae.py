@@ -84,7 +84,7 @@ def gae_advantage(inputs: AdvantageInputs, settings: GAESettings) -> tuple[torch
     Zheng et al. 2023); returns are not.
     """
     if inputs.values is None:
-        raise ValueError("advantage 'gae' needs critic values (AdvantageInputs.values): set algo/values=critic")
+        raise ValueError("advantage 'gae' needs critic values (AdvantageInputs.values): set algo/value_source=critic")
     advantages, returns = generalized_advantages(
         inputs.token_rewards, inputs.values, inputs.response_mask, settings.gamma, settings.lam, inputs.bootstrap_values
     )

@@ -1,7 +1,7 @@
 """Critic losses: ``fn(values, old_values, returns, mask, settings) -> (loss, metrics)``.
 
 ``loss`` is per token, (B, T), aggregated like the policy loss; ``settings`` is the loss's
-own settings (the ``algo.values.loss`` node of the ``critic`` value source).
+own settings (the ``algo.value_source.loss`` node of the ``critic`` value source).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from rlkit.algos.masked import masked_mean
 from rlkit.registry import Registry
 from rlkit.settings import Settings
 
-VALUE_LOSSES: Registry = Registry("value loss", group="algo/values/loss")
+VALUE_LOSSES: Registry = Registry("value loss", group="algo/value_source/loss")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rlkit.checkpoint import CONFIG_FILE
-from rlkit.config import ConfigError, RootConfig
+from rlkit.config import ConfigError, typed_config
 from rlkit.engine import init_distributed, is_main_process
 from rlkit.eval.generation import evaluate_model
 from rlkit.eval.report import Report
@@ -38,11 +38,8 @@ def parse_args(args: list[str]) -> tuple[str, str | None, list[str]]:
 
 
 def load_config(checkpoint: str, overrides: list[str]):
-    schema = OmegaConf.structured(RootConfig)
     try:
-        cfg = OmegaConf.merge(
-            schema, OmegaConf.load(os.path.join(checkpoint, CONFIG_FILE)), OmegaConf.from_dotlist(overrides)
-        )
+        cfg = typed_config(OmegaConf.load(os.path.join(checkpoint, CONFIG_FILE)), overrides)
     except OmegaConfBaseException as error:
         raise ConfigError(str(error).splitlines()[0]) from None
     cfg.resume = "never"

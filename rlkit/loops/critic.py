@@ -26,7 +26,7 @@ from rlkit.settings import Settings
 class ValueHeadSettings(Settings):
     coef: float = 0.5  # weight of the value loss added to the policy's loss (PPO's c1)
     pretrain_steps: int = 0  # the first RL steps train only the critic (PPO-max's critic pre-training); 0 = off
-    loss: Any = MISSING  # the value loss (algo/values/loss=clipped | mse)
+    loss: Any = MISSING  # the value loss (algo/value_source/loss=clipped | mse)
 
     def check(self) -> None:
         self.require_non_negative("coef", "pretrain_steps")
@@ -36,7 +36,7 @@ class ValueHeadSettings(Settings):
 class CriticSettings(Settings):
     lr: float | None = None  # the critic's learning rate; null = the policy's
     pretrain_steps: int = 0  # the first RL steps train only the critic (PPO-max's critic pre-training); 0 = off
-    loss: Any = MISSING  # the value loss (algo/values/loss=clipped | mse)
+    loss: Any = MISSING  # the value loss (algo/value_source/loss=clipped | mse)
 
     def check(self) -> None:
         self.require(self.lr is None or self.lr > 0, "lr", "must be positive (or null: the policy's)")

@@ -12,7 +12,7 @@ policy is trained on the original responses (:func:`rlkit.algos.vine.vine_advant
 States that repeat (the prompt state of every sample of a group, and responses of one
 group that share a prefix) are estimated once, as the authors' code does. All prefixes
 are continued in one batched call of the rollout backend. This is the ``monte_carlo`` value
-source of the policy-gradient loop (``algo/values=monte_carlo``).
+source of the policy-gradient loop (``algo/value_source=monte_carlo``).
 """
 
 from __future__ import annotations

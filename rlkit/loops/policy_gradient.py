@@ -48,7 +48,7 @@ class PolicyGradientSettings(LoopSettings):
     kl: KLSettings = field(default_factory=KLSettings)
     advantage: Any = MISSING  # advantage estimator (algo/advantage=...)
     policy_loss: Any = MISSING  # policy loss (algo/policy_loss=...)
-    values: Any = MISSING  # value source (algo/values=none | critic | value_head | monte_carlo | greedy)
+    value_source: Any = MISSING  # value source (algo/value_source=none | critic | value_head | monte_carlo | greedy)
     group_filter: Any = MISSING  # what happens to sampled groups before training (algo/group_filter=none | dynamic)
 
     def check(self) -> None:
@@ -57,10 +57,10 @@ class PolicyGradientSettings(LoopSettings):
         self.require_choice("loss_agg", LOSS_AGGREGATIONS.names())
         self.require_choice("reward_norm", ("none", "batch", "running"))
         estimator = ADVANTAGE_ESTIMATORS.get(self.advantage.name)
-        reads, provided = set(getattr(estimator, "inputs", ())), set(VALUE_SOURCES.get(self.values.name).provides)
+        reads, provided = set(getattr(estimator, "inputs", ())), set(VALUE_SOURCES.get(self.value_source.name).provides)
         self.require(
             reads == provided,
-            "values",
+            "value_source",
             f"advantage '{self.advantage.name}' reads {sorted(reads) or 'no values'}, "
             f"and this value source provides {sorted(provided) or 'none'}",
         )
@@ -89,8 +89,8 @@ class PolicyGradientLoop(Loop):
         super().__init__(run)
         s = self.settings
         self.optimizer_steps = run.cfg.trainer.max_steps * s.update_epochs * s.minibatches
-        values_cls = VALUE_SOURCES.get(s.values.name)
-        values_cls.prepare(model, s.values)
+        value_source_cls = VALUE_SOURCES.get(s.value_source.name)
+        value_source_cls.prepare(model, s.value_source)
         self.engine = make_engine(
             run,
             model,
@@ -99,7 +99,7 @@ class PolicyGradientLoop(Loop):
             total_steps=self.optimizer_steps,
         )
         self.rollout = build_rollout(run, self.engine.module, s.sampling)
-        self.values = values_cls(self, s.values, reference_source)
+        self.value_source = value_source_cls(self, s.value_source, reference_source)
         self.filter_groups = GROUP_FILTERS.get(s.group_filter.name)
         self.policy_loss_fn = POLICY_LOSSES.get(s.policy_loss.name)
         self.loss_inputs = optional_inputs(
@@ -127,11 +127,11 @@ class PolicyGradientLoop(Loop):
         batch, metrics = self.collect(timer)
         with timer.phase("log_probs"):
             self.score_tokens(batch)
-        metrics.update(self.values.estimate(batch, timer))
+        metrics.update(self.value_source.estimate(batch, timer))
         with timer.phase("advantages"):
             self.estimate_advantages(batch)
         with timer.phase("update"):
-            metrics.update(PolicyUpdate(self, batch).run(train_policy=self.values.trains_policy(step)))
+            metrics.update(PolicyUpdate(self, batch).run(train_policy=self.value_source.trains_policy(step)))
         metrics.update(self.after_update(step, timer))
         metrics.update(self.control_kl(batch))
         metrics.update(batch_metrics(batch))
@@ -272,7 +272,7 @@ class PolicyGradientLoop(Loop):
         return metrics
 
     def extra_engines(self) -> dict:
-        return self.values.extra_engines()
+        return self.value_source.extra_engines()
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "kl_coef": self.kl_coef, "reward_moments": self.reward_moments.state_dict()}

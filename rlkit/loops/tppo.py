@@ -184,10 +184,10 @@ class TruncatedPPOSettings(PolicyGradientSettings):
     def check(self) -> None:
         super().check()
         self.require(
-            self.values.name == "critic",
-            "values",
+            self.value_source.name == "critic",
+            "value_source",
             "T-PPO trains a value model apart from the policy "
-            "(Extended GAE): use algo/values=critic with algo/advantage=gae",
+            "(Extended GAE): use algo/value_source=critic with algo/advantage=gae",
         )
         self.require(
             self.group_filter.name == "none", "group_filter", "T-PPO samples a window per step: no group filter"
@@ -218,12 +218,12 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         with timer.phase("log_probs"):
             self.score_tokens(batch)
         with timer.phase("values"):
-            batch.values = self.values.values(batch.rollout)
+            batch.values = self.value_source.values(batch.rollout)
         with timer.phase("advantages"):
             shaping, ended_scores = self.window_advantages(batch, window, ended)
         with timer.phase("update"):
             metrics.update(
-                PolicyUpdate(self, batch).run(train_policy=self.values.trains_policy(step), train_values=False)
+                PolicyUpdate(self, batch).run(train_policy=self.value_source.trains_policy(step), train_values=False)
             )
             retired = self.pool.retire(window, shaping)
             metrics.update(self.train_value_model(retired, ended_scores, batch.rollout))
@@ -314,7 +314,7 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         are complete). The number that ended varies by step and process; every process pads its
         rows with zero-mask ones to the same count, so all take the same optimizer steps. No
         process has an ended response: no step."""
-        s, critic = self.settings, self.values
+        s, critic = self.settings, self.value_source
         counts = all_gather_objects(len(ended))
         if max(counts) == 0:
             return {}

@@ -45,14 +45,14 @@ class PolicyUpdate:
             getattr(loop.policy_loss_fn, "vanishes_at_zero_advantage", False)
             and s.entropy_coef == 0
             and (reference is None or s.kl.placement != "loss")
-            and not loop.values.trains_with_policy
+            and not loop.value_source.trains_with_policy
         )
 
     def run(self, train_policy: bool, train_values: bool = True) -> dict[str, float]:
         """The policy loss (unless the critic is still pre-training) and the value source's loss
         (added to the policy's on a shared trunk, else stepped on its own engine unless
         ``train_values`` is false: T-PPO trains its value model on other rows)."""
-        s, size, values = self.settings, len(self.batch), self.loop.values
+        s, size, values = self.settings, len(self.batch), self.loop.value_source
         grad_norms, value_grad_norms, skipped = [], [], [0, 0]
         for _ in range(s.update_epochs):
             for minibatch in self.minibatches(size):
@@ -90,8 +90,8 @@ class PolicyUpdate:
 
     def engine_loss(self, index: torch.Tensor, counts, train_policy: bool):
         loss = self.policy_loss(index, counts) if train_policy else 0.0
-        if self.loop.values.trains_with_policy:
-            loss = loss + self.loop.values.loss_on_policy_engine(self.batch, index, counts, self.stats)
+        if self.loop.value_source.trains_with_policy:
+            loss = loss + self.loop.value_source.loss_on_policy_engine(self.batch, index, counts, self.stats)
         return loss
 
     def policy_loss(self, index: torch.Tensor, counts) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Value sources: the policy-gradient loop's ``values`` stage (``algo/values=...``).
+"""Value sources: the policy-gradient loop's ``values`` stage (``algo/value_source=...``).
 
 A value source estimates, for each sampled response, what the advantage estimator compares
 its reward with: nothing (``none``: group baselines need no values), a learned critic
@@ -14,7 +14,7 @@ import torch
 
 from rlkit.registry import Registry
 
-VALUE_SOURCES: Registry = Registry("value source", group="algo/values")
+VALUE_SOURCES: Registry = Registry("value source", group="algo/value_source")
 
 
 class ValueSource:
