@@ -670,3 +670,46 @@ def test_validation_rejects_bad_zoo_knobs(compose_config, overrides, message):
         validate(compose_config(*overrides))
     assert str(error.value).startswith(message), str(error.value)
     assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------------------------- dual-clip PPO
+
+
+def dual_clip_case(ratios, advantages, clip_ratio_c):
+    log_prob = torch.tensor([ratios], dtype=F64).log().requires_grad_()
+    settings = POLICY_LOSSES.make_settings("clipped", clip_ratio_c=clip_ratio_c)
+    loss, metrics = POLICY_LOSSES.get("clipped")(
+        log_prob,
+        torch.zeros_like(log_prob),
+        torch.tensor([advantages], dtype=F64),
+        torch.ones(1, len(ratios)),
+        settings,
+    )
+    loss.sum().backward()
+    return loss.detach()[0], metrics, log_prob.grad[0]
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantages_at_c_times_minus_a():
+    # eps 0.2, c = 3. r = 2.5, A = -1: PPO's loss max(2.5, 1.2) = 2.5, below the cap 3;
+    # r = 5, A = -1: PPO's 5 is capped at 3, with zero gradient; r = 0.5, A = -1: 0.8 (clipped at 0.8);
+    # r = 5, A = +1: positive advantages are never dual-clipped, -min(5, 1.2) = -1.2.
+    loss, metrics, grad = dual_clip_case([2.5, 5.0, 0.5, 5.0], [-1.0, -1.0, -1.0, 1.0], 3.0)
+    close(loss, [2.5, 3.0, 0.8, -1.2])
+    close(grad, [2.5, 0.0, 0.0, 0.0])  # d(-r A)/d log pi = -A r = 2.5 where unclipped; 0 where a clip binds
+    assert float(metrics["clip_frac_dual"]) == pytest.approx(1 / 4)
+
+
+def test_dual_clip_is_off_by_default_and_leaves_ppo_unchanged():
+    assert POLICY_LOSSES.make_settings("clipped").clip_ratio_c is None
+    off, metrics, grad_off = dual_clip_case([2.5, 5.0, 0.5, 5.0], [-1.0, -1.0, -1.0, 1.0], None)
+    close(off, [2.5, 5.0, 0.8, -1.2])
+    close(grad_off, [2.5, 5.0, 0.0, 0.0])
+    assert float(metrics["clip_frac_dual"]) == 0.0
+
+
+def test_dual_clip_preset_and_its_check(compose_config, config_error):
+    assert compose_config("algo=dual_clip_ppo").algo.policy_loss.clip_ratio_c == 3.0
+    assert config_error("algo=dual_clip_ppo", "task=arith") is None
+    assert config_error("algo=ppo", "algo.policy_loss.clip_ratio_c=1.0") == (
+        "algo.policy_loss.clip_ratio_c=1.0: must be above 1 (or null: off)"
+    )

@@ -34,6 +34,18 @@ class ClipSettings(Settings):
 
 
 @dataclass
+class ClippedSettings(ClipSettings):
+    # dual clip (Ye et al. 2020): with A < 0 the loss is at most -c A, however large the ratio; null = off (verl: 3.0)
+    clip_ratio_c: float | None = None
+
+    def check(self) -> None:
+        super().check()
+        self.require(
+            self.clip_ratio_c is None or self.clip_ratio_c > 1, "clip_ratio_c", "must be above 1 (or null: off)"
+        )
+
+
+@dataclass
 class GPPOSettings(ClipSettings):
     beta1: float = (
         0.75  # gradient scale of tokens clipped below (ratio < 1 - clip_low, A < 0); paper: 0.75 (7B), 0.5 (1.5B)
@@ -96,25 +108,36 @@ def vanishes_at_zero_advantage(fn):
     return fn
 
 
-@POLICY_LOSSES.register("clipped", ClipSettings)
+@POLICY_LOSSES.register("clipped", ClippedSettings)
 @vanishes_at_zero_advantage
-def clipped_surrogate(log_prob, old_log_prob, advantages, mask, settings: ClipSettings):
+def clipped_surrogate(log_prob, old_log_prob, advantages, mask, settings: ClippedSettings):
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) with asymmetric
     bounds ``[1 - clip_low, 1 + clip_high]`` (DAPO's clip-higher, Yu et al. 2025, Eq. 10).
 
     loss_t = -min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t),
     r_t = exp(log_prob_t - old_log_prob_t).
+
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep Reinforcement
+    Learning", arXiv:1912.09729, Eq. 5), with ``clip_ratio_c`` = c > 1: where A_t < 0 the loss is
+    also capped at -c A_t, so a token whose ratio has grown far past 1 + eps_high cannot push an
+    unbounded update (the surrogate -r A grows without limit there); its gradient is then 0.
     """
     log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1.0 - settings.clip_low, 1.0 + settings.clip_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if settings.clip_ratio_c is not None:
+        capped = -settings.clip_ratio_c * advantages
+        dual = (advantages < 0) & (capped < loss)
+        loss = torch.where(dual, capped, loss)
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean((clipped < unclipped).float(), mask),
             "clip_frac_low": masked_mean(((ratio < 1.0 - settings.clip_low) & (advantages < 0)).float(), mask),
             "clip_frac_high": masked_mean(((ratio > 1.0 + settings.clip_high) & (advantages > 0)).float(), mask),
+            "clip_frac_dual": masked_mean(dual.float(), mask),
             "approx_kl_old": masked_mean(0.5 * log_ratio**2, mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
