@@ -713,3 +713,43 @@ def test_dual_clip_preset_and_its_check(compose_config, config_error):
     assert config_error("algo=ppo", "algo.policy_loss.clip_ratio_c=1.0") == (
         "algo.policy_loss.clip_ratio_c=1.0: must be above 1 (or null: off)"
     )
+
+
+# --------------------------------------------------------------------------- SPO
+
+
+def test_spo_hand_values_and_gradient():
+    # eps = 0.2; loss = -(r A - |A| (r - 1)^2 / 0.4), d loss / d log pi = -(A - |A| (r - 1) / 0.2) r
+    log_prob = torch.tensor([[0.5, 1.0, 1.3, 1.3]], dtype=F64).log().requires_grad_()
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -2.0]], dtype=F64)
+    loss, metrics = POLICY_LOSSES.get("spo")(
+        log_prob, torch.zeros_like(log_prob), advantages, torch.ones(1, 4), policy_loss("spo")
+    )
+    loss.sum().backward()
+    # 0.5 - 0.25/0.4 = -0.125; -1; 1.3 - 0.09/0.4 = 1.075; -2.6 - 0.18/0.4 = -3.05 (negated)
+    close(loss.detach(), [[0.125, 1.0, -1.075, 3.05]])
+    # -(1 + 2.5) 0.5 = -1.75; -(-1) 1 = 1; -(1 - 1.5) 1.3 = 0.65 (past 1 + eps: pushed back); -(-2 - 3) 1.3 = 6.5
+    close(log_prob.grad, [[-1.75, 1.0, 0.65, 6.5]])
+    assert float(metrics["outside_trust_region_frac"]) == pytest.approx(3 / 4)
+
+
+def test_spo_objective_peaks_at_the_trust_region_edge():
+    ratios = torch.linspace(0.5, 1.5, 1001, dtype=F64)
+    for sign in (1.0, -1.0):
+        loss, _ = POLICY_LOSSES.get("spo")(
+            ratios.log()[None],
+            torch.zeros(1, 1001, dtype=F64),
+            torch.full((1, 1001), 2.0 * sign, dtype=F64),
+            torch.ones(1, 1001),
+            policy_loss("spo", epsilon=0.1),
+        )
+        assert float(ratios[loss.argmin()]) == pytest.approx(
+            1.0 + 0.1 * sign
+        )  # the minimum of the loss: r = 1 + sign(A) eps
+
+
+def test_spo_vanishes_at_zero_advantage_and_its_preset(compose_config, config_error):
+    assert POLICY_LOSSES.get("spo").vanishes_at_zero_advantage
+    algo = compose_config("algo=spo").algo
+    assert (algo.policy_loss.name, algo.policy_loss.epsilon, algo.advantage.name) == ("spo", 0.2, "grpo")
+    assert config_error("algo=spo", "algo.policy_loss.epsilon=0") == "algo.policy_loss.epsilon=0.0: must be positive"

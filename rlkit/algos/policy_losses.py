@@ -224,6 +224,41 @@ def ce_gppo_loss(log_prob, old_log_prob, advantages, mask, settings: GPPOSetting
     return loss, metrics
 
 
+@dataclass
+class SPOSettings(Settings):
+    epsilon: float = (
+        0.2  # the trust region's half-width: the ratio is pulled toward 1 + sign(A) epsilon (paper: PPO's 0.2)
+    )
+
+    def check(self) -> None:
+        self.require_positive("epsilon")
+
+
+@POLICY_LOSSES.register("spo", SPOSettings)
+@vanishes_at_zero_advantage
+def spo_loss(log_prob, old_log_prob, advantages, mask, settings: SPOSettings):
+    """Simple Policy Optimization (Xie et al. 2025, "Simple Policy Optimization", ICML, arXiv:2401.16025):
+    PPO's surrogate "slightly modified", with a quadratic penalty instead of clipping,
+
+    loss_t = -(r_t A_t - |A_t| / (2 eps) (r_t - 1)^2),
+
+    whose maximum over r_t is at r_t = 1 + sign(A_t) eps, the edge of PPO's trust region. Where
+    PPO's clipped objective has zero gradient once the ratio leaves [1 - eps, 1 + eps], this one
+    keeps pulling the ratio back: d/dr = -(A - |A| (r - 1) / eps), so a ratio past the edge is
+    pushed back rather than left free. At r = 1 it is the policy gradient -A d log pi.
+    """
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    loss = -(ratio * advantages - advantages.abs() / (2.0 * settings.epsilon) * (ratio - 1.0) ** 2)
+    with torch.no_grad():
+        outside = (ratio - 1.0).abs() > settings.epsilon
+        metrics = {
+            **_old_policy_metrics(log_ratio, ratio, mask),
+            "outside_trust_region_frac": masked_mean(outside.float(), mask),
+        }
+    return loss, metrics
+
+
 @POLICY_LOSSES.register("pspo", PSPOSettings)
 @vanishes_at_zero_advantage
 def pspo_loss(log_prob, old_log_prob, advantages, mask, settings: PSPOSettings):
