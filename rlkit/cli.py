@@ -17,7 +17,7 @@ commands:
 examples:
   rlkit train
   rlkit train algo=grpo task=gsm8k task.path=/data/gsm8k trainer.max_steps=200
-  rlkit train --multirun algo.lr=1e-5,3e-5 seed=1,2
+  rlkit train --multirun algo.optim.lr=1e-5,3e-5 seed=1,2
   rlkit eval checkpoint=outputs/default/checkpoints/100
   rlkit compare outputs/multirun/2026-01-01_12-00-00
 """

@@ -111,7 +111,7 @@ def main() -> None:
     # loaded as `rlkit train` loads it on CPU: oneDNN linear layers (hardware.cpu_matmul), eager attention in bf16
     model = load_pretrained(
         work["model_dir"],
-        SimpleNamespace(dtype=dtype, trust_remote_code=False, attn_implementation=None),
+        SimpleNamespace(trust_remote_code=False, attn_implementation=None),
         SimpleNamespace(device="cpu", cpu_matmul=args.cpu_matmul, zero_stage=0, dtype=dtype),
     )
     tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
