@@ -252,3 +252,22 @@ def test_lora_policy_reaches_the_engine(tmp_path, max_lora_rank):
         assert (scores[0] - scores[1]).abs().max() > 0.1
     finally:
         engine.close()
+
+
+@needs_vllm
+def test_close_keeps_the_process_group_the_trainer_shares(tmp_path):
+    """vLLM's shutdown destroys torch.distributed's default group; closing the engine must not."""
+    model, tokenizer = tiny_model()
+    engine = VllmEngine(
+        write_engine_dir(model, tokenizer, str(tmp_path)),
+        SETTINGS,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dummy_weights=True,
+    )
+    assert torch.distributed.is_initialized()  # the trainer's group, or the one vLLM made
+    engine.close()
+    assert engine.llm is None and torch.distributed.is_initialized()
+    total = torch.ones(1)
+    torch.distributed.all_reduce(total)
+    assert total.item() == torch.distributed.get_world_size()

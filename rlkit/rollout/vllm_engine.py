@@ -22,6 +22,7 @@ global RNGs and caps torch's threads; both are restored after start-up.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -279,10 +280,14 @@ class VllmEngine:
         if settings.max_lora_rank > 0:
             options.update(enable_lora=True, max_loras=1, max_lora_rank=supported_lora_rank(settings.max_lora_rank))
         start = time.perf_counter()
-        self.owns_process_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with preserved_process_state():
             self.llm = vllm.LLM(**options)
         self.start_seconds = time.perf_counter() - start
+        # vLLM shuts the engine down when it is garbage-collected, destroying torch.distributed's
+        # default group, which the trainer may be using: only close() shuts it down, keeping the group
+        finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
         self.sync_seconds = 0.0
         self.lora_request = None
         self.has_base_weights = not dummy_weights
@@ -447,11 +452,17 @@ class VllmEngine:
         self.sleep_level = 0
 
     def close(self) -> None:
-        """Shut the engine down. vLLM's shutdown destroys torch.distributed's default process
-        group, so it runs only when the engine created that group (no trainer group before it)."""
-        if self.llm is not None and self.owns_process_group:
-            self.llm.llm_engine.engine_core.shutdown()
-        self.llm = None
+        """Shut the engine down and free its memory (weights, KV cache), keeping torch.distributed's
+        default process group, which vLLM's shutdown would destroy and the trainer shares."""
+        if self.llm is not None:
+            destroy = torch.distributed.destroy_process_group
+            torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+            try:
+                self.llm.llm_engine.engine_core.engine_core.shutdown()  # the in-process EngineCore
+            finally:
+                torch.distributed.destroy_process_group = destroy
+            self.llm = None
+            gc.collect()
         shutil.rmtree(self.adapter_dir, ignore_errors=True)
 
 
