@@ -271,3 +271,16 @@ def test_close_keeps_the_process_group_the_trainer_shares(tmp_path):
     total = torch.ones(1)
     torch.distributed.all_reduce(total)
     assert total.item() == torch.distributed.get_world_size()
+
+
+@needs_vllm
+def test_weights_the_engine_did_not_take_are_an_error(policy):
+    """vLLM keeps a layer's old weights when a sync leaves it out, with only a log warning."""
+    model, _, engine = policy
+    weights = [(name, tensor) for name, tensor in model.state_dict().items() if "layers.1.mlp" not in name]
+    try:
+        with pytest.raises(WeightSyncError, match=r"kept its old weights for .*layers\.1\.mlp\.down_proj"):
+            engine.reload(weights)
+    finally:
+        engine.stuck = None
+        engine.load_weights(model)

@@ -138,35 +138,37 @@ def preserved_process_state() -> Iterator[None]:
         random.setstate(rng[2])
 
 
-class FailedLayers(logging.Handler):
-    """Collects the layers vLLM's reload reports as not loaded (it then keeps their old
-    weights). Rotary embeddings have buffers but no checkpoint weights, so they always
-    "fail" harmlessly and are left out, and their warning is silenced."""
+class StaleWeights:
+    """Collects what vLLM's reload reports as not loaded, where it silently keeps the old weights:
+    layers ("<Layer>: Failed to load weights") and parameters ("Following weights were not
+    loaded"). Rotary embeddings have buffers but no checkpoint weights, so they always "fail",
+    harmlessly: they are left out and their warning silenced."""
 
-    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+    LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
     HARMLESS = ("RotaryEmbedding",)
 
     def __init__(self):
-        super().__init__(logging.WARNING)
-        self.layers: list[str] = []
+        self.names: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        failed = record.msg == "%s: Failed to load weights"
-        if failed and record.args and record.args[0] not in self.HARMLESS:
-            self.layers.append(str(record.args[0]))
-        return not (failed and record.args and record.args[0] in self.HARMLESS)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        pass
+        if record.msg == "%s: Failed to load weights" and record.args:
+            if record.args[0] in self.HARMLESS:
+                return False
+            self.names.append(str(record.args[0]))
+        elif record.msg.startswith("Following weights were not loaded") and record.args:
+            self.names.extend(sorted(map(str, record.args[0])))
+        return True
 
     @contextlib.contextmanager
-    def watching(self) -> Iterator[FailedLayers]:
-        logger = logging.getLogger(self.LOGGER)
-        logger.addFilter(self.filter)
+    def watching(self) -> Iterator[StaleWeights]:
+        loggers = [logging.getLogger(name) for name in self.LOGGERS]
+        for logger in loggers:
+            logger.addFilter(self)
         try:
             yield self
         finally:
-            logger.removeFilter(self.filter)
+            for logger in loggers:
+                logger.removeFilter(self)
 
 
 def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> object:
@@ -258,8 +260,7 @@ class VllmEngine:
         vllm = import_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
-        self.cpu = on_cpu()
-        if self.cpu:
+        if on_cpu():
             check_model_shape(model_dir)
             if settings.sleep_mode or settings.tensor_parallel_size != 1:
                 raise ConfigError("vLLM's sleep_mode and tensor_parallel_size > 1 need a GPU; set them off on CPU")
@@ -394,10 +395,10 @@ class VllmEngine:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays free until the weights are in
 
         def sync() -> None:
-            with FailedLayers().watching() as failed:
+            with StaleWeights().watching() as stale:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-            if failed.layers:
-                raise WeightSyncError(f"layers kept their old weights: {', '.join(sorted(set(failed.layers)))}")
+            if stale.names:
+                raise WeightSyncError(f"the engine kept its old weights for {', '.join(dict.fromkeys(stale.names))}")
             self.llm.reset_prefix_cache()
 
         self.bounded(sync, "weight sync")
