@@ -255,8 +255,10 @@ def test_lora_policy_reaches_the_engine(tmp_path, max_lora_rank):
 
 
 @needs_vllm
-def test_close_keeps_the_process_group_the_trainer_shares(tmp_path):
-    """vLLM's shutdown destroys torch.distributed's default group; closing the engine must not."""
+def test_close_keeps_the_process_group_and_other_engines_working(policy, tmp_path):
+    """vLLM's shutdown tears down torch.distributed's default group and vLLM's own groups; closing
+    one engine must leave the trainer's collectives and another engine in the process working."""
+    _, _, running = policy
     model, tokenizer = tiny_model()
     engine = VllmEngine(
         write_engine_dir(model, tokenizer, str(tmp_path)),
@@ -265,12 +267,12 @@ def test_close_keeps_the_process_group_the_trainer_shares(tmp_path):
         pad_token_id=tokenizer.pad_token_id,
         dummy_weights=True,
     )
-    assert torch.distributed.is_initialized()  # the trainer's group, or the one vLLM made
     engine.close()
     assert engine.llm is None and torch.distributed.is_initialized()
     total = torch.ones(1)
     torch.distributed.all_reduce(total)
     assert total.item() == torch.distributed.get_world_size()
+    assert running.sample(PROMPTS, num_samples=2, max_new_tokens=4).response_ids.shape[0] == 6
 
 
 @needs_vllm
@@ -284,3 +286,15 @@ def test_weights_the_engine_did_not_take_are_an_error(policy):
     finally:
         engine.stuck = None
         engine.load_weights(model)
+
+
+@needs_vllm
+def test_sampling_follows_torchs_global_rng(policy):
+    """In-process on CPU, vLLM draws its sampling seeds from torch's global RNG: restoring that
+    state (as a resumed run does) repeats the samples."""
+    _, _, engine = policy
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(engine.sample(PROMPTS, num_samples=4, max_new_tokens=16).response_ids)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])

@@ -285,7 +285,7 @@ class VllmEngine:
             self.llm = vllm.LLM(**options)
         self.start_seconds = time.perf_counter() - start
         # vLLM shuts the engine down when it is garbage-collected, destroying torch.distributed's
-        # default group, which the trainer may be using: only close() shuts it down, keeping the group
+        # default group, which the trainer may be using: only close() shuts it down, keeping it
         finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
         if finalizer is not None:
             finalizer.detach()
@@ -453,15 +453,19 @@ class VllmEngine:
         self.sleep_level = 0
 
     def close(self) -> None:
-        """Shut the engine down and free its memory (weights, KV cache), keeping torch.distributed's
-        default process group, which vLLM's shutdown would destroy and the trainer shares."""
+        """Shut the engine down and free its memory (weights, KV cache). vLLM's shutdown ends by
+        tearing down the process's distributed state: torch.distributed's default group, which
+        the trainer shares, and vLLM's own groups, which any other engine in the process uses.
+        That last step is skipped."""
         if self.llm is not None:
-            destroy = torch.distributed.destroy_process_group
-            torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+            import vllm.v1.engine.core as engine_core
+
+            teardown = engine_core.cleanup_dist_env_and_memory
+            engine_core.cleanup_dist_env_and_memory = gc.collect
             try:
                 self.llm.llm_engine.engine_core.engine_core.shutdown()  # the in-process EngineCore
             finally:
-                torch.distributed.destroy_process_group = destroy
+                engine_core.cleanup_dist_env_and_memory = teardown
             self.llm = None
             gc.collect()
         shutil.rmtree(self.adapter_dir, ignore_errors=True)
