@@ -21,13 +21,8 @@ from omegaconf import MISSING
 
 from rlkit.settings import Checked, ConfigError  # noqa: F401  (ConfigError re-exported: the error every check raises)
 
-PREEMPT_SIGNALS = (
-    "SIGUSR1",
-    "SIGUSR2",
-    "SIGTERM",
-    "SIGINT",
-    "SIGHUP",
-)  # what SLURM (--signal, preemption) or a user may send
+# what SLURM (--signal, preemption) or a user may send
+PREEMPT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

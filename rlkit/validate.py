@@ -27,9 +27,7 @@ def validate(cfg, world_size: int = 1) -> None:
     check_settings(OmegaConf.to_object(cfg))
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not one of: {', '.join(TASKS)}")
-    parse_options(
-        TASKS.get(cfg.task.name).Options, cfg.task.options
-    )  # unknown task.options keys, before any data loads
+    parse_options(TASKS.get(cfg.task.name).Options, cfg.task.options)  # unknown task.options keys, before data loads
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
     check_rewards(cfg)
