@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlkit.envs import build_environment
 from rlkit.envs.base import Environment, StepResult, expert_messages
 from rlkit.envs.chat import TINY_CHAT_TEMPLATE, TurnDelimiters, encode, first_prompt, render, turn_delimiters
-from rlkit.envs.episodes import EpisodeLimits, episodes_to_tensors, run_episodes, run_expert_episodes
+from rlkit.envs.episodes import EpisodeSettings, episodes_to_tensors, run_episodes, run_expert_episodes
 from rlkit.envs.stats import episode_metrics, episode_table, render_episode
 from rlkit.models.tiny import train_tokenizer
 
@@ -102,7 +102,7 @@ ARITH_REPLIES = [
 
 
 def play_scripted(tokenizer):
-    limits = EpisodeLimits(max_total_tokens=400, max_reply_tokens=40)
+    limits = EpisodeSettings(max_total_tokens=400, max_reply_tokens=40)
     recording = RecordingTokenizer(tokenizer)
     envs = [build_environment("maze", {"test_size": 6}) for _ in range(6)] + [
         build_environment("tool_arith", {"test_size": 6}) for _ in range(6)
@@ -181,6 +181,20 @@ def test_episode_records_rewards_states_counts_and_limits(tokenizer):
     assert sum(e.count("invalid_action") for e in episodes[:6]) > 0
 
 
+def test_stepping_environments_on_threads_gives_the_same_episodes(tokenizer):
+    env = build_environment("tool_arith", {"test_size": 8})
+    rows = env.rows("test", 8)
+
+    def play(workers: int):
+        envs = [build_environment("tool_arith") for _ in rows]
+        settings = EpisodeSettings(max_total_tokens=400, max_reply_tokens=40, step_workers=workers)
+        return run_episodes(ScriptedSampler(tokenizer, ARITH_REPLIES), tokenizer, envs, rows, settings)
+
+    serial, threaded = play(0), play(4)
+    assert [e.token_ids for e in threaded] == [e.token_ids for e in serial]
+    assert [e.turns for e in threaded] == [e.turns for e in serial]
+
+
 def test_token_and_turn_limits_truncate(tokenizer):
     env = build_environment("maze", {"test_size": 2})
     rows = env.rows("test", 2)
@@ -191,13 +205,13 @@ def test_token_and_turn_limits_truncate(tokenizer):
         ids = encode(tokenizer, "jump") + [tokenizer.eos_token_id]
         return [(ids, [0.0] * len(ids)) for _ in contexts]
 
-    turn_limited = run_episodes(jump, tokenizer, [env, build_environment("maze")], rows, EpisodeLimits(max_turns=3))
+    turn_limited = run_episodes(jump, tokenizer, [env, build_environment("maze")], rows, EpisodeSettings(max_turns=3))
     assert [(e.truncated, len(e.turns), e.count("invalid_action")) for e in turn_limited] == [("turns", 3, 3)] * 2
     prompt = turn_limited[0].prompt_length
-    (tight,) = run_episodes(jump, tokenizer, [env], rows[:1], EpisodeLimits(max_total_tokens=prompt + 30))
+    (tight,) = run_episodes(jump, tokenizer, [env], rows[:1], EpisodeSettings(max_total_tokens=prompt + 30))
     assert tight.truncated == "tokens" and len(tight.token_ids) <= prompt + 30
     assert all(b <= 64 for b in budgets)
-    (no_room,) = run_episodes(jump, tokenizer, [env], rows[:1], EpisodeLimits(max_total_tokens=prompt))
+    (no_room,) = run_episodes(jump, tokenizer, [env], rows[:1], EpisodeSettings(max_total_tokens=prompt))
     assert (no_room.truncated, no_room.turns) == ("tokens", [])
 
 
@@ -240,7 +254,9 @@ def test_a_misbehaving_sampler_is_refused(tokenizer):
     with pytest.raises(ValueError, match="tokens but 1 log-probs"):
         run_episodes(lambda c, b: [([5, 6], [0.0])], tokenizer, [env], [row])
     with pytest.raises(ValueError, match="for a budget of 2"):
-        run_episodes(lambda c, b: [([5, 6, 7], [0.0] * 3)], tokenizer, [env], [row], EpisodeLimits(max_reply_tokens=2))
+        run_episodes(
+            lambda c, b: [([5, 6, 7], [0.0] * 3)], tokenizer, [env], [row], EpisodeSettings(max_reply_tokens=2)
+        )
 
 
 def test_expert_episodes_are_warm_start_data(tokenizer):
@@ -312,7 +328,7 @@ def test_rescoring_an_episode_reproduces_the_behaviour_log_probs(tokenizer):
     env = build_environment("maze", {"test_size": 4})
     rows = env.rows("test", 4)
     torch.manual_seed(0)
-    limits = EpisodeLimits(max_turns=4, max_total_tokens=300, max_reply_tokens=8)
+    limits = EpisodeSettings(max_turns=4, max_total_tokens=300, max_reply_tokens=8)
     episodes = run_episodes(
         hf_sample_fn(model, tokenizer), tokenizer, [build_environment("maze") for _ in rows], rows, limits
     )

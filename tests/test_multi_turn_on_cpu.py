@@ -11,8 +11,10 @@ from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from rlkit.algos.multi_turn import (
     discounted_returns,
     gigpo_advantages,
+    turn_gae,
     turn_returns_to_tokens,
     turn_rewards_to_tokens,
+    turn_value_positions,
     turn_values_to_tokens,
 )
 
@@ -55,6 +57,27 @@ def test_turn_returns_on_tokens_use_the_turn_discount():
     tokens = turn_returns_to_tokens([[0.0, 0.0, 1.0], [0.0, 1.0]], 0.5, turn_index, loss)
     assert tokens[0].tolist() == [0, 0, 0.25, 0.25, 0, 0, 0.5, 0.5, 0.5, 0, 1.0, 0]
     assert tokens[1].tolist() == [0, 0, 0.5, 0, 1.0, 1.0, 0, 0, 0, 0, 0, 0]
+
+
+def test_turn_gae_matches_hand_computed_values():
+    """gamma = 0.5, lam = 0.5, V = (0.2, 0.4, 0.6), r = (0, 0, 1), episode ended (V(s_3) = 0):
+    deltas 0 + .5*.4 - .2 = 0, 0 + .5*.6 - .4 = -.1, 1 + 0 - .6 = .4;
+    A_2 = .4, A_1 = -.1 + .25*.4 = 0, A_0 = 0 + .25*0 = 0."""
+    advantages, returns = turn_gae([0.0, 0.0, 1.0], [0.2, 0.4, 0.6], gamma=0.5, lam=0.5)
+    assert advantages == pytest.approx([0.0, 0.0, 0.4])
+    assert returns == pytest.approx([0.2, 0.4, 1.0])
+    # cut off by a limit: the critic's value of the next state bootstraps the last turn
+    cut, _ = turn_gae([0.0], [0.5], gamma=0.5, lam=1.0, bootstrap=0.8)
+    assert cut == pytest.approx([0.5 * 0.8 - 0.5])
+    # lam = 1, V = 0: the discounted return
+    assert turn_gae([0.0, 0.0, 1.0], [0.0] * 3, gamma=0.5, lam=1.0)[0] == pytest.approx([0.25, 0.5, 1.0])
+    with pytest.raises(ValueError, match="2 rewards but 1 values"):
+        turn_gae([0.0, 1.0], [0.0], 1.0, 1.0)
+
+
+def test_turn_value_positions_are_the_tokens_before_each_reply():
+    turn_index, loss = layout()
+    assert turn_value_positions(turn_index, loss) == [[1, 5, 9], [1, 3]]
 
 
 def test_existing_estimators_score_episodes_by_their_total_reward():

@@ -69,6 +69,35 @@ def turn_returns_to_tokens(
     return turn_values_to_tokens([discounted_returns(r, gamma) for r in rewards], turn_index, loss_mask)
 
 
+def turn_gae(
+    rewards: Sequence[float], values: Sequence[float], gamma: float, lam: float, bootstrap: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """Generalized advantage estimation over turns (Schulman et al. 2016, Eq. 16, with a
+    turn as the time step): delta_k = r_k + gamma V(s_{k+1}) - V(s_k) and
+    A_k = sum_j (gamma lam)^j delta_{k+j}; returns (A, A + V), one value per turn.
+
+    ``values[k]`` is V(s_k), the critic's value of the state reply k is made in (read at
+    the token before the reply: :func:`turn_value_positions`). V(s_K) after the last
+    reply is ``bootstrap``: 0 for an episode the environment ended, the critic's estimate
+    for one a limit cut off."""
+    if len(rewards) != len(values):
+        raise ValueError(f"turn_gae: {len(rewards)} rewards but {len(values)} values")
+    advantages, running, next_value = [0.0] * len(rewards), 0.0, bootstrap
+    for k in reversed(range(len(rewards))):
+        delta = rewards[k] + gamma * next_value - values[k]
+        running = delta + gamma * lam * running
+        advantages[k], next_value = running, values[k]
+    return advantages, [a + v for a, v in zip(advantages, values)]
+
+
+def turn_value_positions(turn_index: torch.Tensor, loss_mask: torch.Tensor) -> list[list[int]]:
+    """For each episode, the position of the token before each reply: the last token of
+    the context the reply was sampled from, where a critic reads V(s_k)."""
+    mask = loss_mask.bool()
+    starts = mask & ~torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+    return [(row.nonzero().flatten() - 1).tolist() for row in starts]
+
+
 @dataclasses.dataclass
 class GiGPOAdvantages:
     """Per-episode episode-level advantages, and per-turn step-level and combined ones."""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from rlkit.envs.base import Environment, StepResult
-from rlkit.envs.chat import TurnDelimiters, encode, first_prompt, turn_delimiters
+from rlkit.envs.chat import encode, first_prompt, turn_delimiters
 
 # (contexts, max new tokens per context) -> one (token ids, behaviour log-probs) per context;
 # a reply stops after its first stop token (EOS / end of turn), which it includes.
@@ -78,10 +79,11 @@ class Episode:
 
 
 @dataclasses.dataclass(frozen=True)
-class EpisodeLimits:
+class EpisodeSettings:
     max_turns: int | None = None  # replies per episode; None: each environment's options.max_turns
     max_total_tokens: int = 512  # the whole sequence, prompt included
     max_reply_tokens: int = 64  # one reply
+    step_workers: int = 0  # > 0: step this many environments at a time on threads (tools that wait on subprocesses)
 
 
 def run_episodes(
@@ -89,14 +91,17 @@ def run_episodes(
     tokenizer,
     envs: Sequence[Environment],
     rows: Sequence[dict[str, Any]],
-    limits: EpisodeLimits = EpisodeLimits(),
+    settings: EpisodeSettings = EpisodeSettings(),
 ) -> list[Episode]:
     """Play ``envs[i]`` on ``rows[i]`` with replies from ``sample_fn``, all episodes turn by turn."""
-    return play(lambda _, contexts, budgets: sample_fn(contexts, budgets), tokenizer, envs, rows, limits)
+    return play(lambda _, contexts, budgets: sample_fn(contexts, budgets), tokenizer, envs, rows, settings)
 
 
 def run_expert_episodes(
-    tokenizer, envs: Sequence[Environment], rows: Sequence[dict[str, Any]], limits: EpisodeLimits = EpisodeLimits()
+    tokenizer,
+    envs: Sequence[Environment],
+    rows: Sequence[dict[str, Any]],
+    settings: EpisodeSettings = EpisodeSettings(),
 ) -> list[Episode]:
     """Episodes of each environment's scripted expert, in the same token layout as
     sampled ones: warm-start demonstrations (train on ``loss_mask``). The expert's
@@ -109,50 +114,62 @@ def run_expert_episodes(
             replies.append((ids, [0.0] * len(ids)))
         return replies
 
-    return play(expert, tokenizer, envs, rows, limits)
+    return play(expert, tokenizer, envs, rows, settings)
 
 
 def play(
-    act: ActFn, tokenizer, envs: Sequence[Environment], rows: Sequence[dict[str, Any]], limits: EpisodeLimits
+    act: ActFn, tokenizer, envs: Sequence[Environment], rows: Sequence[dict[str, Any]], settings: EpisodeSettings
 ) -> list[Episode]:
     if len(envs) != len(rows):
         raise ValueError(f"{len(envs)} environments for {len(rows)} rows")
-    delimiters: dict[str | None, TurnDelimiters] = {}
-    episodes, observations = [], []
-    for env, row in zip(envs, rows):
-        observation = env.reset(row)
-        ids = encode(tokenizer, first_prompt(tokenizer, observation, env.system_prompt))
-        episodes.append(Episode(row, ids, [0] * len(ids), [0.0] * len(ids), [0] * len(ids), len(ids)))
-        observations.append(observation)
-        if env.system_prompt not in delimiters:
-            delimiters[env.system_prompt] = turn_delimiters(tokenizer, env.system_prompt)
-    while True:
-        for episode in episodes:
-            if not episode.finished and len(episode.token_ids) >= limits.max_total_tokens:
-                episode.truncated = "tokens"
-        active = [i for i, episode in enumerate(episodes) if not episode.finished]
-        if not active:
-            return episodes
-        budgets = [min(limits.max_reply_tokens, limits.max_total_tokens - len(episodes[i].token_ids)) for i in active]
-        replies = act(active, [list(episodes[i].token_ids) for i in active], budgets)
-        if len(replies) != len(active):
-            raise ValueError(f"the sampler gave {len(replies)} replies for {len(active)} contexts")
-        for i, budget, (ids, log_probs) in zip(active, budgets, replies):
-            check_reply(ids, log_probs, budget)
-            env, episode = envs[i], episodes[i]
-            append(episode, ids, 1, list(log_probs), len(episode.turns))
-            observations[i] = take_turn(env, episode, observations[i], tokenizer.decode(ids, skip_special_tokens=True))
-            if episode.finished:
-                continue
-            if len(episode.turns) >= (limits.max_turns or env.options.max_turns):
-                episode.truncated = "turns"
-                continue
-            stop = tokenizer.decode(ids[-1:]) if ids and ids[-1] == tokenizer.eos_token_id else None
-            observation_ids = encode(tokenizer, delimiters[env.system_prompt].observation_text(observations[i], stop))
-            if len(episode.token_ids) + len(observation_ids) >= limits.max_total_tokens:
-                episode.truncated = "tokens"  # no room left for the observation and a reply to it
-                continue
-            append(episode, observation_ids, 0, [0.0] * len(observation_ids), len(episode.turns))
+    delimiters = {env.system_prompt: turn_delimiters(tokenizer, env.system_prompt) for env in envs}
+    observations = [env.reset(row) for env, row in zip(envs, rows)]
+    episodes = [open_episode(tokenizer, env, row, obs) for env, row, obs in zip(envs, rows, observations)]
+    with ThreadPoolExecutor(max(1, settings.step_workers)) as pool:
+        while True:
+            for episode in episodes:
+                if not episode.finished and len(episode.token_ids) >= settings.max_total_tokens:
+                    episode.truncated = "tokens"
+            active = [i for i, episode in enumerate(episodes) if not episode.finished]
+            if not active:
+                return episodes
+            budgets = [
+                min(settings.max_reply_tokens, settings.max_total_tokens - len(episodes[i].token_ids)) for i in active
+            ]
+            replies = act(active, [list(episodes[i].token_ids) for i in active], budgets)
+            if len(replies) != len(active):
+                raise ValueError(f"the sampler gave {len(replies)} replies for {len(active)} contexts")
+            for i, budget, (ids, log_probs) in zip(active, budgets, replies):
+                check_reply(ids, log_probs, budget)
+                append(episodes[i], ids, 1, list(log_probs), len(episodes[i].turns))
+            texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in replies]
+            stepped = pool.map(
+                take_turn,
+                [envs[i] for i in active],
+                [episodes[i] for i in active],
+                [observations[i] for i in active],
+                texts,
+            )
+            for i, (ids, _), observation in zip(active, replies, list(stepped)):
+                observations[i] = observation
+                env, episode = envs[i], episodes[i]
+                if episode.finished:
+                    continue
+                if len(episode.turns) >= (settings.max_turns or env.options.max_turns):
+                    episode.truncated = "turns"
+                    continue
+                stop = tokenizer.decode(ids[-1:]) if ids[-1] == tokenizer.eos_token_id else None
+                observation_ids = encode(tokenizer, delimiters[env.system_prompt].observation_text(observation, stop))
+                if len(episode.token_ids) + len(observation_ids) >= settings.max_total_tokens:
+                    episode.truncated = "tokens"  # no room left for the observation and a reply to it
+                    continue
+                append(episode, observation_ids, 0, [0.0] * len(observation_ids), len(episode.turns))
+
+
+def open_episode(tokenizer, env: Environment, row: dict[str, Any], observation: str) -> Episode:
+    """An episode holding its opening prompt: system prompt, first observation, generation prompt."""
+    ids = encode(tokenizer, first_prompt(tokenizer, observation, env.system_prompt))
+    return Episode(row, ids, [0] * len(ids), [0.0] * len(ids), [0] * len(ids), len(ids))
 
 
 def take_turn(env: Environment, episode: Episode, observation: str, reply: str) -> str:
