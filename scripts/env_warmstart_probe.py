@@ -122,7 +122,8 @@ def probe(setting: str, args) -> list[dict]:
     model = tiny_model(tokenizer, args.seed)
     results = []
     torch.manual_seed(args.seed)
-    results.append({"env": setting, "stage": "random init", **evaluate(model, tokenizer, setting, test, limits, True)})
+    untrained = evaluate(model, tokenizer, setting, test[: args.init_eval_size], limits, True)
+    results.append({"env": setting, "stage": f"random init, greedy, {args.init_eval_size} instances", **untrained})
     started = time.perf_counter()
     loss = supervised_steps(model, batches, args.steps, args.lr, args.batch_size, args.seed)
     sft = {"steps": args.steps, "final_loss": round(loss, 4), "sft_seconds": round(time.perf_counter() - started, 1)}
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=100)
+    parser.add_argument("--init-eval-size", type=int, default=20, help="held-out instances for the random model")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for setting in args.envs.split(","):

@@ -122,7 +122,7 @@ def play(
 ) -> list[Episode]:
     if len(envs) != len(rows):
         raise ValueError(f"{len(envs)} environments for {len(rows)} rows")
-    delimiters = {env.system_prompt: turn_delimiters(tokenizer, env.system_prompt) for env in envs}
+    delimiters = {prompt: turn_delimiters(tokenizer, prompt) for prompt in {env.system_prompt for env in envs}}
     observations = [env.reset(row) for env, row in zip(envs, rows)]
     episodes = [open_episode(tokenizer, env, row, obs) for env, row, obs in zip(envs, rows, observations)]
     with ThreadPoolExecutor(max(1, settings.step_workers)) as pool:

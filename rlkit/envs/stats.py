@@ -45,11 +45,10 @@ def episode_metrics(
 
 def render_episode(episode: Episode, title: str = "episode") -> str:
     """An episode turn by turn, as a Markdown heading and a text block."""
-    ending = (
-        episode.error
-        and f"environment error: {episode.error}"
-        or (f"truncated ({episode.truncated})" if episode.truncated else "done")
-    )
+    if episode.error:
+        ending = f"environment error: {episode.error}"
+    else:
+        ending = f"truncated ({episode.truncated})" if episode.truncated else "done"
     lines = [f"#### {title}: return {episode.total_reward:g}, {len(episode.turns)} turns, {ending}", "", "```text"]
     for k, turn in enumerate(episode.turns):
         lines += indented(f"[{k}] observation: ", turn.observation)
