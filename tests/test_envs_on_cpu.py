@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import pytest
 
 from rlkit.config import ConfigError
@@ -47,6 +48,7 @@ def test_splits_are_reproducible_disjoint_and_json(name):
     assert build_environment(name, {"test_size": 20}).rows("train", 60) == train
     assert build_environment(name, {"test_size": 20, "seed": 1}).rows("test", 20) != test
     assert json.loads(json.dumps(train)) == train
+    assert datasets.Dataset.from_list(train).to_list() == train  # one schema for all rows: a task's dataset
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -211,7 +213,7 @@ def test_twenty_questions_expert_halves_the_candidates():
 
 HOUSE = {
     "doors": [["garden", "hall"], ["hall", "kitchen"], ["hall", "study"]],
-    "items": {"cup": "garden", "key": "study"},
+    "items": [["cup", "garden"], ["key", "study"]],
     "start": "kitchen",
     "goal_item": "key",
     "goal_room": "garden",

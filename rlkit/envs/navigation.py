@@ -52,7 +52,7 @@ class NavigationEnv(Environment):
         goal_room = rng.choice([r for r in rooms if r != where[goal_item]])
         return {
             "doors": sorted([list(d) for d in doors]),
-            "items": dict(sorted(where.items())),
+            "items": sorted([item, room] for item, room in where.items()),  # pairs: one column type for every row
             "start": rng.choice(rooms),
             "goal_item": goal_item,
             "goal_room": goal_room,
