@@ -21,15 +21,13 @@ from typing import Any
 import torch
 
 from rlkit.envs.base import Environment, StepResult
-from rlkit.envs.chat import encode, first_prompt, turn_delimiters
+from rlkit.envs.chat import TurnDelimiters, encode, first_prompt, turn_delimiters
 
 # (contexts, max new tokens per context) -> one (token ids, behaviour log-probs) per context;
 # a reply stops after its first stop token (EOS / end of turn), which it includes.
 SampleFn = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
 # (episode numbers, contexts, max new tokens) -> replies: a SampleFn that may look at the environments
 ActFn = Callable[[list[int], list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
-
-COUNTED_INFO = ("invalid_action", "tool_calls", "tool_errors")
 
 
 @dataclasses.dataclass
@@ -152,18 +150,29 @@ def play(
             )
             for i, (ids, _), observation in zip(active, replies, list(stepped)):
                 observations[i] = observation
-                env, episode = envs[i], episodes[i]
-                if episode.finished:
-                    continue
-                if len(episode.turns) >= (settings.max_turns or env.options.max_turns):
-                    episode.truncated = "turns"
-                    continue
-                stop = tokenizer.decode(ids[-1:]) if ids[-1] == tokenizer.eos_token_id else None
-                observation_ids = encode(tokenizer, delimiters[env.system_prompt].observation_text(observation, stop))
-                if len(episode.token_ids) + len(observation_ids) >= settings.max_total_tokens:
-                    episode.truncated = "tokens"  # no room left for the observation and a reply to it
-                    continue
-                append(episode, observation_ids, 0, [0.0] * len(observation_ids), len(episode.turns))
+                if not episodes[i].finished:
+                    add_observation(episodes[i], envs[i], ids, observation, tokenizer, delimiters, settings)
+
+
+def add_observation(
+    episode: Episode,
+    env: Environment,
+    reply_ids: list[int],
+    observation: str,
+    tokenizer,
+    delimiters: dict[str | None, TurnDelimiters],
+    settings: EpisodeSettings,
+) -> None:
+    """Append the next observation's tokens, or end the episode at the turn or token limit."""
+    if len(episode.turns) >= (settings.max_turns or env.options.max_turns):
+        episode.truncated = "turns"
+        return
+    stop = tokenizer.decode(reply_ids[-1:]) if reply_ids[-1] == tokenizer.eos_token_id else None
+    ids = encode(tokenizer, delimiters[env.system_prompt].observation_text(observation, stop))
+    if len(episode.token_ids) + len(ids) >= settings.max_total_tokens:
+        episode.truncated = "tokens"  # no room left for the observation and a reply to it
+        return
+    append(episode, ids, 0, [0.0] * len(ids), len(episode.turns))
 
 
 def open_episode(tokenizer, env: Environment, row: dict[str, Any], observation: str) -> Episode:
@@ -175,8 +184,9 @@ def open_episode(tokenizer, env: Environment, row: dict[str, Any], observation: 
 def take_turn(env: Environment, episode: Episode, observation: str, reply: str) -> str:
     """Step the environment with the reply and record the turn; returns the next observation.
     An exception inside the environment ends the episode with the error recorded."""
-    state = env.state_key()
+    state = None
     try:
+        state = env.state_key()
         result = env.step(reply)
     except Exception as error:  # noqa: BLE001  (an environment bug ends its episode, not the run)
         episode.error = f"{type(error).__name__}: {error}"
