@@ -296,6 +296,25 @@ def test_tool_arith_expert_follows_gsm8k_calculator_annotations():
     ]
 
 
+def test_tool_arith_expert_answers_directly_when_a_solution_has_no_annotations():
+    env = ToolArithmeticEnv()
+    env.reset({"question": "How many legs have 2 cats?", "answer": "8", "solution": "2 cats have 8 legs.\n#### 8"})
+    assert env.expert_action() == "#### 8"
+
+
+def test_tool_arith_on_gsm8k_rows(gsm8k_dir):
+    env = ToolArithmeticEnv({"gsm8k_path": str(gsm8k_dir)})
+    rows = env.rows("test", 100)
+    assert len(rows) == 100 and all(row["answer"] and row["solution"] for row in rows)
+    errors = 0
+    for row in rows:
+        env.reset(row)
+        while not (result := env.step(env.expert_action())).done:
+            errors += result.info["tool_errors"]
+        assert result.reward == 1.0
+    assert errors == 0  # the calculator reads every annotation of these rows
+
+
 def test_tool_arith_rows_keep_left_to_right_meaning():
     env = ToolArithmeticEnv({"test_size": 50, "operators": "+*"})
     for row in env.rows("test", 50):

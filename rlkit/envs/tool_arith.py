@@ -110,7 +110,8 @@ class ToolArithmeticEnv(Environment):
         return tuple(self.responses)
 
     def expert_action(self) -> str:
-        steps = ANNOTATION.findall(self.row.get("solution") or "") or [self.row["question"]]
+        solution = self.row.get("solution")  # GSM8K rows: one call per annotation; synthetic rows: the question
+        steps = ANNOTATION.findall(solution) if solution is not None else [self.row["question"]]
         if "calculator" in self.tools and len(self.responses) < len(steps):
             return format_tool_call("calculator", expression=steps[len(self.responses)].strip())
         return f"#### {self.row['answer']}"
