@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 
 import jinja2
@@ -28,7 +29,7 @@ from rlkit.envs.base import expert_messages
 from rlkit.envs.chat import TINY_CHAT_TEMPLATE
 from rlkit.envs.episodes import EpisodeSettings, episodes_to_tensors, run_episodes, run_expert_episodes
 from rlkit.envs.sampling import hf_sample_fn
-from rlkit.envs.stats import episode_metrics
+from rlkit.envs.stats import episode_metrics, render_episode
 from rlkit.models.tiny import train_tokenizer
 
 SETTINGS = {
@@ -89,10 +90,15 @@ def supervised_steps(model, batches, steps: int, lr: float, batch_size: int, see
     return loss.item()
 
 
-def evaluate(model, tokenizer, setting: str, rows, limits: EpisodeSettings, greedy: bool) -> dict[str, float]:
+def evaluate(model, tokenizer, setting: str, rows, limits: EpisodeSettings, greedy: bool, show: int = 0) -> dict:
     envs = [environment(setting, {}) for _ in rows]
     started = time.perf_counter()
     episodes = run_episodes(hf_sample_fn(model, tokenizer, greedy=greedy), tokenizer, envs, rows, limits)
+    for k, episode in enumerate(episodes[:show]):
+        print(
+            render_episode(episode, f"{setting}, held-out instance {k}, {'greedy' if greedy else 'sampled'}"),
+            file=sys.stderr,
+        )
     metrics = episode_metrics(episodes, envs)
     keep = (
         "env/success_rate",
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--test-size", type=int, default=100)
     parser.add_argument("--init-eval-size", type=int, default=20, help="held-out instances for the random model")
+    parser.add_argument("--show", type=int, default=0, help="print this many held-out episodes (stderr)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for setting in args.envs.split(","):

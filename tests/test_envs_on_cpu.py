@@ -223,14 +223,12 @@ HOUSE = {
 def test_navigation_rules():
     env = NavigationEnv()
     first = env.reset(HOUSE)
-    assert first == (
-        "Bring the key to the garden. You are in the kitchen. Exits: hall. You see: nothing. You carry: nothing."
-    )
+    assert first == ("Bring the key to the garden. In the kitchen. Exits: hall. Here: nothing. Carrying: nothing.")
     assert env.step("go study").info == {"invalid_action": 1}  # no door from the kitchen
     assert env.step("take key").info == {"invalid_action": 1}  # not here
     env.step("go to the hall")
     env.step("go study")
-    assert env.step("take the key").observation.endswith("You see: nothing. You carry: key.")
+    assert env.step("take the key").observation.endswith("Here: nothing. Carrying: key.")
     env.step("go hall")
     assert env.step("drop key").reward == 0.0  # the wrong room: lies in the hall now
     env.step("take key")

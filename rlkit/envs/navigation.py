@@ -73,8 +73,8 @@ class NavigationEnv(Environment):
         here = sorted(item for item, place in self.items.items() if place == self.room)
         carried = sorted(item for item, place in self.items.items() if place == "you")
         return (
-            f"You are in the {self.room}. Exits: {', '.join(sorted(self.exits[self.room]))}. "
-            f"You see: {', '.join(here) or 'nothing'}. You carry: {', '.join(carried) or 'nothing'}."
+            f"In the {self.room}. Exits: {', '.join(sorted(self.exits[self.room]))}. "
+            f"Here: {', '.join(here) or 'nothing'}. Carrying: {', '.join(carried) or 'nothing'}."
         )
 
     def step(self, action: str) -> StepResult:
