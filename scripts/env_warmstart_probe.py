@@ -137,7 +137,12 @@ def probe(setting: str, args) -> list[dict]:
         torch.manual_seed(args.seed)
         stage = "warm start, " + ("greedy" if greedy else "sampled T=1")
         results.append(
-            {"env": setting, "stage": stage, **sft, **evaluate(model, tokenizer, setting, test, limits, greedy)}
+            {
+                "env": setting,
+                "stage": stage,
+                **sft,
+                **evaluate(model, tokenizer, setting, test, limits, greedy, args.show),
+            }
         )
     tokens = [len(e.token_ids) for e in demos]
     results.append(
