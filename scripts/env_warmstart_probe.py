@@ -28,9 +28,11 @@ from rlkit.envs import build_environment
 from rlkit.envs.base import expert_messages
 from rlkit.envs.chat import TINY_CHAT_TEMPLATE
 from rlkit.envs.episodes import EpisodeSettings, episodes_to_tensors, run_episodes, run_expert_episodes
-from rlkit.envs.sampling import hf_sample_fn
+from rlkit.envs.sampling import backend_sample_fn
 from rlkit.envs.stats import episode_metrics, render_episode
+from rlkit.loops.registry import SamplingSettings
 from rlkit.models.tiny import train_tokenizer
+from rlkit.rollout.backends import ROLLOUTS
 
 SETTINGS = {
     "maze": {},
@@ -93,7 +95,10 @@ def supervised_steps(model, batches, steps: int, lr: float, batch_size: int, see
 def evaluate(model, tokenizer, setting: str, rows, limits: EpisodeSettings, greedy: bool, show: int = 0) -> dict:
     envs = [environment(setting, {}) for _ in rows]
     started = time.perf_counter()
-    episodes = run_episodes(hf_sample_fn(model, tokenizer, greedy=greedy), tokenizer, envs, rows, limits)
+    backend = ROLLOUTS.get("hf")(
+        ROLLOUTS.make_settings("hf"), model=model, tokenizer=tokenizer, sampling=SamplingSettings()
+    )
+    episodes = run_episodes(backend_sample_fn(backend, greedy), tokenizer, envs, rows, limits)
     for k, episode in enumerate(episodes[:show]):
         print(
             render_episode(episode, f"{setting}, held-out instance {k}, {'greedy' if greedy else 'sampled'}"),

@@ -309,7 +309,9 @@ def test_a_template_that_rewrites_history_is_refused():
 
 
 def test_rescoring_an_episode_reproduces_the_behaviour_log_probs(tokenizer):
-    from rlkit.envs.sampling import hf_sample_fn
+    from rlkit.envs.sampling import backend_sample_fn
+    from rlkit.loops.registry import SamplingSettings
+    from rlkit.rollout.backends import ROLLOUTS
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -329,9 +331,11 @@ def test_rescoring_an_episode_reproduces_the_behaviour_log_probs(tokenizer):
     rows = env.rows("test", 4)
     torch.manual_seed(0)
     limits = EpisodeSettings(max_turns=4, max_total_tokens=300, max_reply_tokens=8)
-    episodes = run_episodes(
-        hf_sample_fn(model, tokenizer), tokenizer, [build_environment("maze") for _ in rows], rows, limits
+    backend = ROLLOUTS.get("hf")(
+        ROLLOUTS.make_settings("hf"), model=model, tokenizer=tokenizer, sampling=SamplingSettings()
     )
+    envs = [build_environment("maze") for _ in rows]
+    episodes = run_episodes(backend_sample_fn(backend), tokenizer, envs, rows, limits)
     assert all(len(e.turns) >= 1 for e in episodes)
     batch = episodes_to_tensors(episodes, tokenizer.pad_token_id)
     with torch.no_grad():
@@ -342,6 +346,14 @@ def test_rescoring_an_episode_reproduces_the_behaviour_log_probs(tokenizer):
     assert mask.sum() > 10
     torch.testing.assert_close(rescored, behaviour, atol=2e-4, rtol=0)
     assert batch["loss_mask"][:, 0].sum() == 0  # the first token is never a reply token
+    greedy = [
+        run_episodes(
+            backend_sample_fn(backend, greedy=True), tokenizer, [build_environment("maze") for _ in rows], rows, limits
+        )
+        for _ in range(2)
+    ]
+    assert [e.token_ids for e in greedy[0]] == [e.token_ids for e in greedy[1]]
+    assert all(set(e.log_probs) == {0.0} for e in greedy[0])  # the argmax has behaviour probability 1
 
 
 # --------------------------------------------------------------------------- observability

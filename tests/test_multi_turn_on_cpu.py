@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -85,8 +83,8 @@ def test_existing_estimators_score_episodes_by_their_total_reward():
     turn_index, loss = layout()
     rewards = [[0.0, 0.0, 1.0], [0.0, 0.0]]
     inputs = AdvantageInputs(turn_rewards_to_tokens(rewards, turn_index, loss), loss, torch.tensor([0, 0]))
-    cfg = SimpleNamespace(norm_adv_by_std=False, adv_eps=1e-6)
-    advantages, _ = ADVANTAGE_ESTIMATORS.get("grpo")(inputs, cfg)
+    settings = ADVANTAGE_ESTIMATORS.make_settings("grpo", norm_by_std=False)
+    advantages, _ = ADVANTAGE_ESTIMATORS.get("grpo")(inputs, settings)
     assert advantages[0][loss[0].bool()].tolist() == [0.5] * 6
     assert advantages[1][loss[1].bool()].tolist() == [-0.5] * 3
     assert advantages[~loss.bool()].abs().sum() == 0

@@ -1,45 +1,23 @@
-"""A :data:`~rlkit.envs.episodes.SampleFn` over rlkit's own sampler (``rollout=hf``)."""
+"""A :data:`~rlkit.envs.episodes.SampleFn` over a rollout backend (``rollout=hf``, ``rollout=vllm``)."""
 
 from __future__ import annotations
 
-import torch
 
-from rlkit.rollout.generate import left_pad, sample
-from rlkit.rollout.logprobs import token_log_probs
+def backend_sample_fn(backend, greedy: bool = False):
+    """Replies from ``backend.sample`` (:mod:`rlkit.rollout.backends`), one per context,
+    each stopping after EOS, with the behaviour log-probs the backend sampled with.
 
-
-def hf_sample_fn(model, tokenizer, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False):
-    """Replies from :func:`rlkit.rollout.generate.sample`, one per context, stopping at EOS.
-
-    Behaviour log-probs are the rollout's own when it carries them (``Rollout.log_probs``,
-    once the rollout seam returns them); until then they are re-scored in one forward pass
-    over the same left-padded context, as log softmax(logits / temperature) (with
-    ``top_p < 1`` that is the untruncated distribution, the one training scores)."""
-    device = next(model.parameters()).device
+    A greedy reply is the argmax at every step: its behaviour probability is 1 and its
+    log-probs are 0 (the backend returns none then)."""
 
     def sample_fn(contexts: list[list[int]], max_new_tokens: list[int]) -> list[tuple[list[int], list[float]]]:
-        ids, mask = left_pad(contexts, tokenizer.pad_token_id, device)
-        rollout = sample(
-            model,
-            ids,
-            mask,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            num_samples=1,
-            max_new_tokens=torch.tensor(max_new_tokens, device=device),
-            greedy=greedy,
-            temperature=temperature,
-            top_p=top_p,
-        )
-        log_probs = getattr(rollout, "log_probs", None)
-        if log_probs is None:
-            with torch.no_grad():
-                log_probs, _ = token_log_probs(
-                    model, rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1], temperature
-                )
+        rollout = backend.sample(contexts, num_samples=1, max_new_tokens=list(max_new_tokens), greedy=greedy)
         lengths = rollout.response_lengths.tolist()
-        return [
-            (row[:n].tolist(), lp[:n].tolist()) for row, lp, n in zip(rollout.response_ids, log_probs.float(), lengths)
-        ]
+        if rollout.log_probs is None and not greedy:
+            raise ValueError("the rollout backend returned no behaviour log-probs for sampled replies")
+        log_probs = (
+            [[0.0] * n for n in lengths] if greedy else [lp[:n].tolist() for lp, n in zip(rollout.log_probs, lengths)]
+        )
+        return [(ids[:n].tolist(), lp) for ids, n, lp in zip(rollout.response_ids, lengths, log_probs)]
 
     return sample_fn
