@@ -262,6 +262,15 @@ class TrainerConfig:
     preempt_signals: list[str] = field(
         default_factory=lambda: ["SIGUSR1", "SIGUSR2"]
     )  # on one: checkpoint at the next step boundary, requeue the SLURM job, exit (sbatch --signal; submitit sends USR2)
+    stop_signals: list[str] = field(
+        default_factory=lambda: ["SIGTERM", "SIGINT"]
+    )  # on one: checkpoint at the next step boundary and exit 128+signal (kill, Ctrl-C, Docker, Kubernetes); a second one exits at once
+    max_skipped_steps: int = (
+        10  # optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops
+    )
+    allow_nonempty_dir: bool = (
+        False  # write into a non-empty run dir that is not an rlkit run (rlkit's files may overwrite same-named ones)
+    )
 
 
 @dataclass
@@ -284,7 +293,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
-    resume: str = "auto"  # auto: continue from the run dir's last checkpoint | never | a checkpoint path
+    resume: str = "auto"  # auto: continue from the run dir's newest intact checkpoint | force: the same, even if the config changed | never | a checkpoint path
     run_name: str = MISSING  # names the run dir under outputs/
 
 

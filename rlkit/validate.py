@@ -3,6 +3,7 @@ any model or dataset is loaded. Each failure is one line naming the key."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from omegaconf import OmegaConf
@@ -53,6 +54,7 @@ POSITIVE = (
     "algo.sampling.max_new_tokens",
     "trainer.prompts_per_step_global",
     "trainer.micro_batch_per_device",
+    "trainer.max_skipped_steps",
     "eval.batch_size_per_device",
     "model.warmstart.batch_size_global",
     "hardware.num_procs",
@@ -220,15 +222,16 @@ def validate(cfg, world_size: int = 1) -> None:
         )
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
-    for name in cfg.trainer.preempt_signals:
-        if name not in PREEMPT_SIGNALS:
-            raise ConfigError(f"trainer.preempt_signals: {name!r} is not one of: {', '.join(PREEMPT_SIGNALS)}")
+    for key in ("trainer.preempt_signals", "trainer.stop_signals"):
+        for name in lookup(cfg, key):
+            if name not in PREEMPT_SIGNALS:
+                raise ConfigError(f"{key}: {name!r} is not one of: {', '.join(PREEMPT_SIGNALS)}")
     if cfg.hardware.offload_optimizer and cfg.hardware.zero_stage == 0:
         raise ConfigError("hardware.offload_optimizer needs hardware.zero_stage >= 1")
     if cfg.hardware.device == "cpu" and cfg.hardware.dtype == "float16":
         raise ConfigError("hardware.dtype=float16 is not supported on CPU; use float32 or bfloat16")
-    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume={cfg.resume!r}: use auto, never, or the path of a checkpoint directory")
+    if cfg.resume not in ("auto", "force", "never") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume!r}: use auto, force, never, or the path of a checkpoint directory")
     for name, term in cfg.reward.terms.items():
         check_reward_term(f"reward.terms.{name}", term)
     reward_specs = (
@@ -256,8 +259,8 @@ def check_reward_term(key: str, term) -> None:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key; valid: {', '.join(REWARD_TERM_KEYS)}")
     if not isinstance(term.get("fn"), str):
         raise ConfigError(f"{key}.fn is required: a registered reward name or 'package.module:function'")
-    if not isinstance(term.get("weight", 1.0), (int, float)):
-        raise ConfigError(f"{key}.weight={term.get('weight')!r} must be a number")
+    if not isinstance(term.get("weight", 1.0), (int, float)) or not math.isfinite(term.get("weight", 1.0)):
+        raise ConfigError(f"{key}.weight={term.get('weight')!r} must be a finite number")
     if not hasattr(term.get("args", {}), "keys"):
         raise ConfigError(f"{key}.args must be a mapping of keyword arguments")
     if not isinstance(term.get("workers", 0), int) or term.get("workers", 0) < 0:
@@ -269,8 +272,9 @@ def check_reward_term(key: str, term) -> None:
         raise ConfigError(
             f"{key}.timeout={timeout!r} must be a positive number of seconds, and needs {key}.workers >= 1"
         )
-    if not isinstance(term.get("failure_value", 0.0), (int, float)):
-        raise ConfigError(f"{key}.failure_value={term.get('failure_value')!r} must be a number")
+    failure_value = term.get("failure_value", 0.0)
+    if not isinstance(failure_value, (int, float)) or not math.isfinite(failure_value):
+        raise ConfigError(f"{key}.failure_value={failure_value!r} must be a finite number")
 
 
 def check_truncation(algo) -> None:

@@ -45,7 +45,7 @@ class RewardTermFn:
         0  # > 0: score each sample in its own call, this many at a time on threads (rewards that wait on subprocesses)
     )
     timeout: float | None = None  # with workers: seconds one sample may take; later ones count as failures
-    failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None/NaN
+    failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None, NaN or +-inf
 
     def __call__(self, prompts: list[str], completions: list[str], **fields: list[Any]) -> list[float | None]:
         """Call with the row fields the function accepts (all of them if it takes ``**kwargs``);
@@ -99,7 +99,7 @@ class CompositeReward:
         self, prompts: list[str], completions: list[str], **row_fields: list[Any]
     ) -> tuple[list[float], dict[str, list[float]]]:
         """Returns (total per sample, {term name: scores per sample}). A sample whose term
-        failed (raised, timed out, gave None or NaN) scores the term's ``failure_value``;
+        failed (raised, timed out, gave None, NaN or +-inf) scores the term's ``failure_value``;
         failures are logged and counted in :attr:`failures`."""
         per_term = {}
         for term in self.terms:
@@ -108,17 +108,16 @@ class CompositeReward:
                 raise ValueError(
                     f"reward '{term.name}' returned {len(scores)} scores for {len(completions)} completions"
                 )
-            failed = [s is None or math.isnan(s) for s in scores]
+            failed = [s is None or not math.isfinite(s) for s in scores]
             if any(failed):
                 self.failures[term.name] += sum(failed)
-                first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "None or NaN returned"
                 log.warning(
                     "reward '%s' failed on %d of %d samples, scored %s (first: %s)",
                     term.name,
                     sum(failed),
                     len(scores),
                     term.failure_value,
-                    first,
+                    first_failure(scores, errors),
                 )
             per_term[term.name] = [term.failure_value if bad else float(s) for s, bad in zip(scores, failed)]
         totals = [sum(t.weight * per_term[t.name][i] for t in self.terms) for i in range(len(completions))]
@@ -129,6 +128,12 @@ class CompositeReward:
         counts = {term.name: self.failures[term.name] for term in self.terms}
         self.failures.clear()
         return counts
+
+
+def first_failure(scores: list[float | None], errors: list[BaseException]) -> str:
+    if errors:
+        return f"{type(errors[0]).__name__}: {errors[0]}"
+    return next(f"returned {s}" for s in scores if s is None or not math.isfinite(s))
 
 
 def build_reward(reward_cfg) -> CompositeReward:
