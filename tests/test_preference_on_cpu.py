@@ -187,8 +187,8 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path):
         {"prompt": "q", "chosen": "same", "rejected": "same"},
         {"prompt": "q", "chosen": " ", "rejected": "x"},
         {"prompt": "q", "rejected": "x"},
-        "not json",
-        [1, 2],
+        {"prompt": "q", "chosen": "a"},
+        {"chosen": "a", "rejected": "b"},
     ]
     task = build_task(
         task_cfg("preference", write_jsonl(tmp_path / "pairs.jsonl.gz", good + bad), test_fraction=0.2, split_seed=3)
@@ -199,6 +199,7 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path):
     assert train[0]["solution"] == train[0]["chosen"] == train[0]["responses"][0]
     assert task.summary["malformed_rows_train"] == 5
     assert "chosen == rejected: 1" in task.summary["malformed_reasons_train"]
+    assert "missing 'rejected': 1" in task.summary["malformed_reasons_train"]
     again = build_task(task_cfg("preference", tmp_path / "pairs.jsonl.gz", test_fraction=0.2, split_seed=3))
     assert again.split("test")["question"] == test["question"]  # the split is seeded
 

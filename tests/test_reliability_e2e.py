@@ -330,3 +330,31 @@ def test_resuming_with_a_changed_config_is_refused_unless_forced(reference: Path
     assert (run_dir / "config.0.yaml").read_text() == before
     segments = read_json(run_dir / "rlkit_run.json")["segments"]
     assert [(s["from_step"], s["config"]) for s in segments] == [(0, "config.0.yaml"), (4, "config.yaml")]
+
+
+# 6. bad input files: one line naming the file, line and field, before any model is built
+
+
+def test_malformed_data_files_fail_in_one_line_before_any_model(tmp_path: Path):
+    import gzip
+
+    gsm8k = tmp_path / "gsm8k"
+    gsm8k.mkdir()
+    good = json.dumps({"question": "1+1?", "answer": "#### 2"})
+    (gsm8k / "train.jsonl").write_text((good + "\n") * 8)
+    (gsm8k / "test.jsonl").write_text(good + "\n" + json.dumps({"question": ["a list"], "answer": "#### 2"}) + "\n")
+    humaneval = tmp_path / "HumanEval.jsonl.gz"
+    humaneval.write_bytes(
+        gzip.compress(b"".join(json.dumps({"prompt": str(i), "tests": ""}).encode() + b"\n" for i in range(300)))[:200]
+    )
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "\xff"}\n')
+    cases = [
+        (["task=gsm8k", f"task.path={gsm8k}"], ["test.jsonl' line 2: field 'question' is a list"]),
+        (["task=humaneval", f"task.path={humaneval}"], ["HumanEval.jsonl.gz' is not a complete gzip file"]),
+        (["algo=dpo", "task=preference", f"task.path={pairs}"], ["pairs.jsonl' line 2: not UTF-8 text"]),
+    ]
+    for overrides, expected in cases:
+        result = rlkit(["train", *overrides, "logger.mode=disabled", "run_name=bad"], tmp_path, timeout=300)
+        assert_one_line_error(result, *expected, code=2)
+        assert not list(tmp_path.rglob("initial_model")) and not list(tmp_path.rglob("metrics.jsonl"))
