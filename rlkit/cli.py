@@ -107,10 +107,13 @@ def compare_main(args: list[str]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' per-file load/save progress bars; rlkit shows its own."""
+    """Hide transformers' per-file load/save and datasets' per-map progress bars; rlkit shows its own
+    (and an error after data loading stays the one line it is)."""
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def exit_quietly_on_interrupt() -> None:

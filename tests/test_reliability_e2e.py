@@ -358,3 +358,24 @@ def test_malformed_data_files_fail_in_one_line_before_any_model(tmp_path: Path):
         result = rlkit(["train", *overrides, "logger.mode=disabled", "run_name=bad"], tmp_path, timeout=300)
         assert_one_line_error(result, *expected, code=2)
         assert not list(tmp_path.rglob("initial_model")) and not list(tmp_path.rglob("metrics.jsonl"))
+
+
+# 7. a reward that runs code needs bubblewrap: missing, it is found before any model is built
+
+
+def test_a_missing_bubblewrap_is_one_line_before_any_model(tmp_path: Path):
+    import sys
+
+    humaneval = tmp_path / "code.jsonl"
+    rows = [{"prompt": f"def f{i}():\n", "tests": f"assert f{i}() is None\n"} for i in range(12)]
+    humaneval.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = cli_env(PATH=str(Path(sys.executable).parent))  # the venv's scripts only: no bwrap
+    result = rlkit(
+        ["train", "task=code", f"task.path={humaneval}", "task.options.test_size=4", "logger.mode=disabled"],
+        tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert_one_line_error(result, "reward 'tests' cannot run here", "bubblewrap", code=2)
+    assert len(result.stderr.strip().splitlines()) == 1, result.describe()
+    assert not list(tmp_path.rglob("initial_model"))

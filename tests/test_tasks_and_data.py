@@ -257,6 +257,9 @@ def test_unloadable_models_are_one_line_errors(tmp_path):
         from_pretrained(AutoTokenizer, "no-such-org/no-such-model")  # the tests run offline
     with pytest.raises(ConfigError, match=f"cannot load '{tmp_path}'"):
         from_pretrained(AutoTokenizer, str(tmp_path))  # a directory without a tokenizer
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match="model path '.*model.safetensors' is a file; give the directory"):
+        from_pretrained(AutoTokenizer, str(tmp_path / "model.safetensors"))
 
 
 def test_gsm8k_unknown_option():

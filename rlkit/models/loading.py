@@ -17,6 +17,10 @@ def from_pretrained(auto_class, name_or_path: str, **kwargs):
     """``auto_class.from_pretrained``, where a missing local directory, an unreachable hub id or a
     setting ``transformers`` rejects (e.g. an unknown attention implementation) is a one-line
     :class:`ConfigError` instead of a traceback."""
+    if os.path.isfile(name_or_path):
+        raise ConfigError(
+            f"model path '{name_or_path}' is a file; give the directory that holds config.json and the weights"
+        )
     if name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
         raise ConfigError(f"model directory '{name_or_path}' does not exist")
     try:

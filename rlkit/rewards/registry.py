@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from typing import Any
 
+from rlkit.config import ConfigError
 from rlkit.registry import Registry
 
 RewardFn = Callable[..., list[float]]
@@ -36,6 +37,17 @@ def resolve_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def needs(check: Callable[[], None]):
+    """Mark a reward function with what it needs of this machine: ``check`` raises (one line)
+    when it is missing. A run calls it when it builds the reward, before any model."""
+
+    def mark(fn: RewardFn) -> RewardFn:
+        fn.preflight = check
+        return fn
+
+    return mark
+
+
 @dataclass
 class RewardTermFn:
     name: str
@@ -46,6 +58,14 @@ class RewardTermFn:
     )
     timeout: float | None = None  # with workers: seconds one sample may take; later ones count as failures
     failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None, NaN or +-inf
+
+    def __post_init__(self):
+        check = getattr(getattr(self.fn, "func", self.fn), "preflight", None)  # through functools.partial (args)
+        if check is not None:
+            try:
+                check()
+            except Exception as error:  # noqa: BLE001  (whatever the check raises: this machine cannot run it)
+                raise ConfigError(f"reward '{self.name}' cannot run here: {error}") from None
 
     def __call__(self, prompts: list[str], completions: list[str], **fields: list[Any]) -> list[float | None]:
         """Call with the row fields the function accepts (all of them if it takes ``**kwargs``);
