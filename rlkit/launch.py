@@ -4,6 +4,7 @@ this machine, started by ``torch.distributed.run`` (torchrun) and waited for."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,6 +23,9 @@ def launch(cfg, run_dir: str, overrides: list[str]) -> int:
     Every rank must agree on the run dir: it is passed explicitly, so a multirun job's
     processes also write into its sweep subdirectory. The preemption signals are ignored
     here and in torchrun's agent (a signal would otherwise kill it); the workers handle them.
+    torchrun runs in a session of its own, and a stop signal sent here (``kill``, Ctrl-C) is passed
+    on once to its agent, which passes it to every worker: they checkpoint at the next step and stop
+    (torchrun kills workers that take longer than its shutdown timeout, 30 s).
     """
     command = [
         sys.executable,
@@ -37,7 +41,12 @@ def launch(cfg, run_dir: str, overrides: list[str]) -> int:
     ]
     previous = ignore_signals(list(cfg.trainer.preempt_signals))
     try:
-        return subprocess.call(command)
+        agent = subprocess.Popen(command, start_new_session=True)
+        stops = [name for name in cfg.trainer.stop_signals if name not in cfg.trainer.preempt_signals]
+        previous.update(
+            {name: signal.signal(signal.Signals[name], lambda signum, _: agent.send_signal(signum)) for name in stops}
+        )
+        return agent.wait()
     finally:
         restore_signals(previous)
 

@@ -171,7 +171,9 @@ def test_split_dialogue_keeps_the_last_assistant_turn():
 
 
 def task_cfg(name: str, path: Path, **options):
-    return OmegaConf.create({"name": name, "path": str(path), "max_train_rows": None, "options": options})
+    return OmegaConf.create(
+        {"name": name, "path": str(path), "prompt_template": "{question}", "max_train_rows": None, "options": options}
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

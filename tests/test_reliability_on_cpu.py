@@ -334,3 +334,17 @@ def test_a_stop_signal_is_noted_then_a_second_one_exits_at_once():
         "rlkit: stopped by SIGTERM after step 7; checkpoint saved; run the same command to resume",
         "rlkit: SIGINT after SIGTERM: stopping now, without a checkpoint",
     ]
+
+
+def test_a_damaged_model_directory_is_a_one_line_error(tmp_path: Path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlkit.models.loading import from_pretrained
+
+    config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"cannot load '{tmp_path}': ") as error:
+        from_pretrained(AutoModelForCausalLM, str(tmp_path))
+    assert "\n" not in str(error.value)
