@@ -59,7 +59,8 @@ def train(cfg, run_dir: str) -> Report:
     state = load_checkpoint(checkpoint, loop.engine, loop.extra_engines()) if checkpoint else {}
     if state:
         loop.load_state_dict(state["loop"])
-        log.info("resumed from %s at step %d of %d", checkpoint, state["step"], cfg.trainer.max_steps)
+        if is_main_process():
+            log.info("resumed from %s at step %d of %d", checkpoint, state["step"], cfg.trainer.max_steps)
     SKIPPED.load_state_dict(state.get("skipped_steps", {"total": 0, "consecutive": 0}))
     start_step = state.get("step", 0)
     if is_main_process():
@@ -179,7 +180,7 @@ def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, l
 def report_skipped_steps(step: int, skipped_before: int) -> int:
     """Say how many optimizer steps of ``step`` were skipped (non-finite loss or gradient norm);
     returns the run's total."""
-    if SKIPPED.total > skipped_before:
+    if SKIPPED.total > skipped_before and is_main_process():
         log.warning(
             "step %d: %d optimizer step(s) skipped (%s); %d in a row, %d in all",
             step,
