@@ -95,25 +95,26 @@ def describe(changes: list[tuple[str, Any, Any]]) -> str:
     return f"{key}: {old!r} -> {new!r}{more}"
 
 
-def check_resume_config(cfg, checkpoint: str) -> None:
-    """With ``resume=auto``: :class:`ConfigError` when the checkpoint was trained with another model,
-    algorithm, task, reward, seed, batch shape or precision (``resume=force`` goes on anyway)."""
-    if cfg.resume != "auto":
+def check_resume_config(cfg, run_dir: str, checkpoint: str | None) -> None:
+    """With ``resume=auto``: :class:`ConfigError` when the checkpoint (or, before the first one, the
+    run's last segment, whose initial model and warm start are reused) had another model, algorithm,
+    task, reward, seed, batch shape or precision (``resume=force`` goes on anyway)."""
+    source = os.path.join(checkpoint, CONFIG_FILE) if checkpoint else os.path.join(run_dir, RUN_CONFIG)
+    if cfg.resume != "auto" or not os.path.isfile(source):
         return
-    old = OmegaConf.to_container(OmegaConf.load(os.path.join(checkpoint, CONFIG_FILE)), resolve=True)
+    old = OmegaConf.to_container(OmegaConf.load(source), resolve=True)
     changes = config_changes(old, OmegaConf.to_container(cfg, resolve=True), MATTERS)
     if changes:
         raise ConfigError(
-            f"resume: {checkpoint} was trained with another config ({describe(changes)}); "
-            "resume=force continues with the new config, resume=never or another run_name starts over"
+            f"resume: {checkpoint or run_dir} was started with another config ({describe(changes)}); "
+            "resume=force continues with the new config, another run_name starts a new run"
         )
 
 
 def start_segment(cfg, run_dir: str, checkpoint: str | None) -> str:
     """Check the config against the checkpoint, then (rank 0) record this segment in the marker and
     write ``config.yaml`` atomically; returns the run id (collective: every rank gets rank 0's)."""
-    if checkpoint:
-        check_resume_config(cfg, checkpoint)
+    check_resume_config(cfg, run_dir, checkpoint)
     run_id = record_segment(cfg, run_dir, checkpoint) if is_main_process() else None
     return all_gather_objects(run_id)[0]
 

@@ -379,3 +379,10 @@ def test_a_missing_bubblewrap_is_one_line_before_any_model(tmp_path: Path):
     assert_one_line_error(result, "reward 'tests' cannot run here", "bubblewrap", code=2)
     assert len(result.stderr.strip().splitlines()) == 1, result.describe()
     assert not list(tmp_path.rglob("initial_model"))
+
+
+def test_rlkit_eval_of_a_damaged_checkpoint_is_one_line(reference: Path, tmp_path: Path):
+    run_dir = copy_run(reference, tmp_path)
+    damage(run_dir / "checkpoints" / "4" / "model.safetensors", "random bytes")
+    result = rlkit(["eval", f"checkpoint={run_dir / 'checkpoints' / '4'}"], tmp_path, timeout=300)
+    assert_one_line_error(result, "is damaged: model.safetensors does not match its checksum", code=2)

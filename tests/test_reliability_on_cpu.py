@@ -277,12 +277,15 @@ def test_config_changes_that_matter(tmp_path: Path):
     OmegaConf.save(OmegaConf.create(old), checkpoint / "rlkit_config.yaml")
     resumed = OmegaConf.create({**new, "resume": "auto"})
     with pytest.raises(ConfigError, match=r"algo.kl.coef: 0.0 -> 0.1\); resume=force continues"):
-        check_resume_config(resumed, str(checkpoint))
+        check_resume_config(resumed, str(tmp_path), str(checkpoint))
+    check_resume_config(resumed, str(tmp_path), None)  # no checkpoint and no earlier config: a new run
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="was started with another config"):
+        check_resume_config(resumed, str(tmp_path), None)  # killed before its first checkpoint: its warm start stays
     resumed.resume = "force"
-    check_resume_config(resumed, str(checkpoint))
-    check_resume_config(
-        OmegaConf.create({**old, "trainer": {**old["trainer"], "max_steps": 50}, "resume": "auto"}), str(checkpoint)
-    )
+    check_resume_config(resumed, str(tmp_path), str(checkpoint))
+    longer = OmegaConf.create({**old, "trainer": {**old["trainer"], "max_steps": 50}, "resume": "auto"})
+    check_resume_config(longer, str(tmp_path), str(checkpoint))
 
 
 def test_each_segment_keeps_its_config(tmp_path: Path):
