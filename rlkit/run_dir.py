@@ -15,6 +15,7 @@ import datetime
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -141,7 +142,7 @@ def record_segment(cfg, run_dir: str, checkpoint: str | None) -> str:
         segments = [{"from_step": 0, "config": RUN_CONFIG}] if os.path.isfile(os.path.join(run_dir, RUN_CONFIG)) else []
     new_yaml = OmegaConf.to_yaml(cfg)
     config_path = os.path.join(run_dir, RUN_CONFIG)
-    old_yaml = open(config_path, encoding="utf-8").read() if os.path.isfile(config_path) else None
+    old_yaml = Path(config_path).read_text(encoding="utf-8", errors="replace") if os.path.isfile(config_path) else None
     if old_yaml is not None and old_yaml != new_yaml:
         users = [s for s in segments if s.get("config") == RUN_CONFIG]
         kept = f"config.{segments.index(users[0]) if users else len(segments)}.yaml"
@@ -157,7 +158,7 @@ def record_segment(cfg, run_dir: str, checkpoint: str | None) -> str:
         {
             "from_step": int(state.get("step", 0)),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "resumed_from": os.path.relpath(checkpoint, run_dir) if checkpoint else None,
+            "resumed_from": checkpoint and os.path.abspath(checkpoint),
             "config": RUN_CONFIG,
         }
     )
