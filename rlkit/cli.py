@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import sys
 
 USAGE = """usage: rlkit <command> [overrides...]
@@ -31,9 +32,9 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
     print(f"rlkit: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _train_job(cfg) -> float:
@@ -42,9 +43,11 @@ def _train_job(cfg) -> float:
     from omegaconf.errors import OmegaConfBaseException
 
     from rlkit.config import ConfigError
+    from rlkit.errors import RunError
     from rlkit.eval.report import Report
     from rlkit.launch import finished, launch, needs_launch
     from rlkit.preemption import EXIT_PREEMPTED, Preempted, requeue_and_exit_code
+    from rlkit.run_dir import check_output_dir
     from rlkit.trainer import train
     from rlkit.validate import validate
 
@@ -52,8 +55,7 @@ def _train_job(cfg) -> float:
     try:
         OmegaConf.resolve(cfg)
         validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.hardware.num_procs)))
-        if os.environ.get("RANK", "0") == "0":
-            OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+        check_output_dir(run_dir, cfg.trainer.allow_nonempty_dir, (".hydra", f"{HydraConfig.get().job.name}.log"))
         if needs_launch(cfg):
             code = launch(cfg, run_dir, list(HydraConfig.get().overrides.task))
             if code or not finished(run_dir, cfg.trainer.max_steps):
@@ -63,6 +65,8 @@ def _train_job(cfg) -> float:
             report = train(cfg, run_dir)
     except (ConfigError, OmegaConfBaseException) as error:
         fail(str(error).splitlines()[0])
+    except RunError as error:
+        fail(str(error).splitlines()[0], code=1)
     except Preempted as stop:
         finish_process(requeue_and_exit_code(stop))
     return report.evaluations[-1]["accuracy"] if report.evaluations else float("nan")
@@ -108,13 +112,29 @@ def compare_main(args: list[str]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Hide transformers' per-file load/save progress bars; rlkit shows its own."""
+    """Hide transformers' per-file load/save and datasets' per-map progress bars; rlkit shows its own
+    (and an error after data loading stays the one line it is)."""
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def exit_quietly_on_interrupt() -> None:
+    """Until training installs its own handlers (checkpoint, then stop), SIGINT and SIGTERM end
+    the process at once with one line: nothing is saved yet, and no library prints a traceback."""
+
+    def leave(signum, frame) -> None:
+        os.write(2, f"rlkit: {signal.Signals(signum).name} received before training started; stopped\n".encode())
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave)
 
 
 def main() -> None:
+    exit_quietly_on_interrupt()
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if len(sys.argv) >= 2 else 2)

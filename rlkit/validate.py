@@ -33,8 +33,8 @@ def validate(cfg, world_size: int = 1) -> None:
     check_rewards(cfg)
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
-    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume={cfg.resume!r}: use auto, never, or the path of a checkpoint directory")
+    if cfg.resume not in ("auto", "force", "never") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume!r}: use auto, force, never, or the path of a checkpoint directory")
 
 
 def missing_message(key: str) -> str:
