@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 # 4 steps, evaluation and a checkpoint every 2, every checkpoint kept (the corruption tests need 2 and 4).
 ARGS = [
     "train",
-    *fast_overrides("trainer.max_steps=4", "algo.lr_schedule=linear", "trainer.keep_checkpoints=0", "run_name=r"),
+    *fast_overrides("trainer.max_steps=4", "algo.optim.schedule=linear", "trainer.keep_checkpoints=0", "run_name=r"),
 ]
 
 
@@ -317,16 +317,16 @@ def test_a_non_empty_directory_that_is_not_a_run_is_refused(tmp_path: Path):
 def test_resuming_with_a_changed_config_is_refused_unless_forced(reference: Path, tmp_path: Path):
     run_dir = copy_run(reference, tmp_path)
     before = (run_dir / "config.yaml").read_text()
-    result = rlkit([*ARGS, "algo.lr=5e-6"], tmp_path, timeout=300)
-    assert_one_line_error(result, "checkpoints/4", "algo.lr", "resume=force", code=2)
+    result = rlkit([*ARGS, "algo.optim.lr=5e-6"], tmp_path, timeout=300)
+    assert_one_line_error(result, "checkpoints/4", "algo.optim.lr", "resume=force", code=2)
     assert (run_dir / "config.yaml").read_text() == before
     assert not (run_dir / "config.0.yaml").exists()
 
-    forced = rlkit([*ARGS, "algo.lr=5e-6", "resume=force"], tmp_path).check()
-    assert "algo.lr" in forced.stdout + forced.stderr  # the log names what changed
+    forced = rlkit([*ARGS, "algo.optim.lr=5e-6", "resume=force"], tmp_path).check()
+    assert "algo.optim.lr" in forced.stdout + forced.stderr  # the log names what changed
     from omegaconf import OmegaConf
 
-    assert OmegaConf.load(run_dir / "config.yaml").algo.lr == 5e-6
+    assert OmegaConf.load(run_dir / "config.yaml").algo.optim.lr == 5e-6
     assert (run_dir / "config.0.yaml").read_text() == before
     segments = read_json(run_dir / "rlkit_run.json")["segments"]
     assert [(s["from_step"], s["config"]) for s in segments] == [(0, "config.0.yaml"), (4, "config.yaml")]

@@ -351,3 +351,16 @@ def test_a_damaged_model_directory_is_a_one_line_error(tmp_path: Path):
     with pytest.raises(ConfigError, match=f"cannot load '{tmp_path}': ") as error:
         from_pretrained(AutoModelForCausalLM, str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_of_the_earlier_config_layout_is_named_as_such(tmp_path: Path):
+    checkpoint = tmp_path / "checkpoints" / "2"
+    checkpoint.mkdir(parents=True)
+    OmegaConf.save(
+        OmegaConf.create({"algo": {"name": "grpo", "advantage": "grpo", "lr": 1e-6}}), checkpoint / "rlkit_config.yaml"
+    )
+    resumed = OmegaConf.create({"algo": {"name": "grpo", "advantage": {"name": "grpo"}}, "resume": "auto"})
+    with pytest.raises(ConfigError, match=r"earlier config layout \(algo.advantage is a name"):
+        check_resume_config(resumed, str(tmp_path), str(checkpoint))
+    resumed.resume = "force"
+    check_resume_config(resumed, str(tmp_path), str(checkpoint))

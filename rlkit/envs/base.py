@@ -18,8 +18,8 @@ import random
 from collections.abc import Hashable
 from typing import Any
 
-from rlkit.config import ConfigError
 from rlkit.registry import Registry
+from rlkit.settings import ConfigError
 
 ENVIRONMENTS: Registry[type[Environment]] = Registry("environment")
 

@@ -13,8 +13,8 @@ import random
 import re
 from collections import deque
 
-from rlkit.config import ConfigError
 from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
+from rlkit.settings import ConfigError
 
 MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 MOVE_PATTERN = re.compile(r"\b(north|south|east|west)\b")

@@ -14,8 +14,8 @@ import random
 import re
 from collections import deque
 
-from rlkit.config import ConfigError
 from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
+from rlkit.settings import ConfigError
 
 ROOMS = ["kitchen", "hall", "bedroom", "bathroom", "garden", "study", "cellar", "attic", "garage", "library"]
 ITEMS = ["key", "book", "lamp", "cup", "ball", "coin", "hat", "box"]

@@ -17,10 +17,10 @@ import dataclasses
 import random
 import re
 
-from rlkit.config import ConfigError
 from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
 from rlkit.envs.tools import TOOLS, calculator, format_tool_call, has_tool_call, run_tool_calls
 from rlkit.rewards.math import answers_match, extract_answer
+from rlkit.settings import ConfigError
 
 ANNOTATION = re.compile(r"<<([^=<>]+)=[^<>]*>>")
 

@@ -13,8 +13,8 @@ import dataclasses
 import random
 import re
 
-from rlkit.config import ConfigError
 from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
+from rlkit.settings import ConfigError
 
 # attribute -> (the expert's question, the pattern the oracle recognises it by)
 QUESTIONS = {

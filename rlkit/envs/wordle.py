@@ -14,8 +14,8 @@ import random
 import re
 from collections import Counter
 
-from rlkit.config import ConfigError
 from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
+from rlkit.settings import ConfigError
 
 WORD_LIST = """
     about above actor acute admit adopt adult after again agent agree ahead alarm album alert alike alive allow

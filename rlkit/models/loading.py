@@ -8,8 +8,8 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from rlkit.config import ConfigError
 from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
+from rlkit.settings import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 
 INSTALL_HINT = (
     "rollout=vllm needs vLLM: on a GPU `pip install -e '.[vllm]'`; on a CPU-only machine run "

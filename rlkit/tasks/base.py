@@ -9,8 +9,8 @@ from typing import Any
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.registry import Registry
+from rlkit.settings import ConfigError
 
 TASKS: Registry[type[Task]] = Registry("task")
 

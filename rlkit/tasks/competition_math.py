@@ -13,8 +13,8 @@ import dataclasses
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.math_equivalence import last_boxed
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import TEXT, Field, SourceOptions, load_split
 

@@ -12,8 +12,8 @@ import os
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.math import answer_key, extract_answer
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import TEXT, read_json
 

@@ -26,7 +26,7 @@ import random
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import OPTIONAL_TEXT, Field, check_rows, read_records
 

@@ -15,7 +15,7 @@ import re
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import TEXT, SourceOptions, held_out, load_split, read_text_lines
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 KINDS = {str: "text", int: "a number", float: "a number", bool: "true/false", list: "a list", dict: "an object"}

@@ -15,7 +15,7 @@ import re
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import OPTIONAL_TEXT, TEXT, SourceOptions, load_split
 

@@ -11,8 +11,8 @@ import dataclasses
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.text import reference_metrics
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 from rlkit.tasks.sources import TEXT, SourceOptions, load_split
 
