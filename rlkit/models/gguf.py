@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from rlkit.config import ConfigError
 
 CACHE_ENV = "RLKIT_CACHE_DIR"
 PACKAGE_PREFIX = "package:"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def converted_model_dir(gguf_path: str, root: str, key: str = "model.gguf_file")
     if os.path.isdir(target):
         return target
     require_gguf_support(key)
+    log.info("converting %s into %s (once; about a minute for a 135M model on 2 cores)", gguf_path, target)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=os.path.dirname(target))
     try:

@@ -138,26 +138,32 @@ def check_resumable(checkpoint_dir: str, rank: int, key: str = "model.lora.rank"
         raise ConfigError(f"{key}={rank} but the checkpoint {checkpoint_dir} holds a full model, not a LoRA adapter")
 
 
+def load_merged(directory: str, base_model: str | None = None, **kwargs):
+    """The causal LM in ``directory``: a plain model, or a peft adapter merged into its base
+    (W + (alpha / rank) B A, so the result has no peft layers). ``base_model`` overrides the base the
+    adapter names (e.g. after moving the cache); ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isdir(directory):
+        raise ConfigError(f"checkpoint='{directory}' is not a directory")
+    if not holds_adapter(directory):
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise ConfigError(f"checkpoint='{directory}' holds neither a model nor a peft adapter")
+        return AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+    from peft import PeftConfig, PeftModel
+
+    base = base_model or PeftConfig.from_pretrained(directory).base_model_name_or_path
+    if not base or (base.startswith((".", "/")) and not os.path.isdir(base)):
+        raise ConfigError(f"the base model '{base}' of the adapter in {directory} is missing")
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), directory)
+    return adapted.merge_and_unload()
+
+
 def export_merged(checkpoint_dir: str, output_dir: str, base_model: str | None = None) -> str:
-    """Write the model of an rlkit checkpoint (or any directory holding a model or a peft adapter) to
-    ``output_dir`` as a plain transformers model + tokenizer: an adapter is merged into its base
-    (W + (alpha / rank) B A), so ``AutoModelForCausalLM.from_pretrained(output_dir)`` needs no peft.
-    ``base_model`` overrides the base the adapter names (e.g. after moving the cache)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Write the model of an rlkit checkpoint (see :func:`load_merged`) with its tokenizer to
+    ``output_dir``, which plain ``AutoModelForCausalLM.from_pretrained`` then loads without peft."""
+    from transformers import AutoTokenizer
 
-    if not os.path.isdir(checkpoint_dir):
-        raise ConfigError(f"checkpoint='{checkpoint_dir}' is not a directory")
-    if holds_adapter(checkpoint_dir):
-        from peft import PeftConfig, PeftModel
-
-        base = base_model or PeftConfig.from_pretrained(checkpoint_dir).base_model_name_or_path
-        if not base or (base.startswith((".", "/")) and not os.path.isdir(base)):
-            raise ConfigError(f"the base model '{base}' of the adapter in {checkpoint_dir} is missing")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), checkpoint_dir).merge_and_unload()
-    elif os.path.isfile(os.path.join(checkpoint_dir, "config.json")):
-        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
-    else:
-        raise ConfigError(f"checkpoint='{checkpoint_dir}' holds neither a model nor a peft adapter")
-    model.save_pretrained(output_dir)
+    load_merged(checkpoint_dir, base_model).save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(checkpoint_dir).save_pretrained(output_dir)
     return output_dir
