@@ -1,4 +1,4 @@
-"""The ``rlkit`` command: ``train`` (Hydra), ``eval``."""
+"""The ``rlkit`` command: ``train`` (Hydra), ``eval``, ``compare``, ``export``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ commands:
   train [key=value ...] [group=option ...]   train (Hydra: --multirun, --cfg job, --help work)
   eval checkpoint=PATH [key=value ...]       write the evaluation report for any checkpoint
   compare DIR                                aggregate the runs under DIR (a sweep) into compare.md/.json/.png
+  export checkpoint=PATH output_dir=PATH     write a checkpoint's model (a LoRA adapter merged) as a plain
+         [base_model=PATH]                   transformers model + tokenizer
 
 examples:
   rlkit train
@@ -21,6 +23,7 @@ examples:
   rlkit train --multirun algo.optim.lr=1e-5,3e-5 seed=1,2
   rlkit eval checkpoint=outputs/default/checkpoints/100
   rlkit compare outputs/multirun/2026-01-01_12-00-00
+  rlkit export checkpoint=outputs/default/checkpoints/100 output_dir=merged
 """
 
 
@@ -111,6 +114,28 @@ def compare_main(args: list[str]) -> None:
     print(f"{len(table)} algorithms compared: {os.path.join(args[0], 'compare.md')}")
 
 
+EXPORT_KEYS = ("checkpoint", "output_dir", "base_model")
+
+
+def export_main(args: list[str]) -> None:
+    from rlkit.config import ConfigError
+    from rlkit.models.lora import export_merged
+
+    values = dict(arg.partition("=")[::2] for arg in args)
+    unknown = [arg for arg in args if "=" not in arg or arg.partition("=")[0] not in EXPORT_KEYS]
+    if unknown or not values.get("checkpoint") or not values.get("output_dir"):
+        fail(
+            f"usage: rlkit export checkpoint=PATH output_dir=PATH [base_model=PATH]; got: {' '.join(args) or 'nothing'}"
+        )
+    if os.path.exists(values["output_dir"]) and os.listdir(values["output_dir"]):
+        fail(f"output_dir={values['output_dir']} is not empty: nothing overwritten")
+    try:
+        export_merged(values["checkpoint"], values["output_dir"], values.get("base_model"))
+    except ConfigError as error:
+        fail(str(error))
+    print(f"exported {values['checkpoint']} to {values['output_dir']}")
+
+
 def quiet_libraries() -> None:
     """Hide transformers' per-file load/save and datasets' per-map progress bars; rlkit shows its own
     (and an error after data loading stays the one line it is)."""
@@ -139,7 +164,7 @@ def main() -> None:
         print(USAGE)
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     command, rest = sys.argv[1], sys.argv[2:]
-    if command in ("train", "eval"):
+    if command in ("train", "eval", "export"):
         quiet_libraries()
     if command == "train":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(rest):
@@ -152,8 +177,10 @@ def main() -> None:
         eval_main(rest)
     elif command == "compare":
         compare_main(rest)
+    elif command == "export":
+        export_main(rest)
     else:
-        fail(f"unknown command '{command}'; valid: train, eval, compare")
+        fail(f"unknown command '{command}'; valid: train, eval, compare, export")
     finish_process()
 
 

@@ -208,3 +208,27 @@ def test_in_a_deepspeed_engine_only_the_adapter_trains_and_the_reference_stays(t
     assert (logits(engine, tokenizer) - base).abs().max() > 1e-3
     with adapters_disabled(engine):
         assert torch.equal(logits(engine, tokenizer), base)
+
+
+def test_export_command_writes_a_merged_model_and_refuses_to_overwrite(tiny, tmp_path, capsys):
+    from rlkit.cli import export_main
+
+    model, tokenizer = copy.deepcopy(tiny[0]), tiny[1]
+    model.save_pretrained(tmp_path / "base")
+    adapted = with_trained_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    save_adapter(adapted, str(tmp_path / "ck"))
+    tokenizer.save_pretrained(tmp_path / "ck")
+    export_main([f"checkpoint={tmp_path / 'ck'}", f"output_dir={tmp_path / 'out'}"])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert torch.allclose(logits(merged, tokenizer), logits(adapted, tokenizer), atol=1e-5)
+    written = sorted(os.listdir(tmp_path / "out"))
+    for args, message in (
+        ([f"checkpoint={tmp_path / 'ck'}", f"output_dir={tmp_path / 'out'}"], "is not empty: nothing overwritten"),
+        ([f"checkpoint={tmp_path / 'ck'}"], "usage: rlkit export checkpoint=PATH output_dir=PATH"),
+        ([f"checkpoint={tmp_path / 'nowhere'}", f"output_dir={tmp_path / 'o2'}"], "is not a directory"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(args)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == written
