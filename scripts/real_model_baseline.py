@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlkit.models.gguf import cache_root, converted_model_dir, resolve_gguf
+from rlkit.models.gguf import gguf_model_dir
 from rlkit.models.loading import load_tokenizer
 from rlkit.models.lora import apply_lora
 from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
@@ -34,9 +34,7 @@ GSM8K_TEMPLATE = '{question}\nLet\'s think step by step and output the final ans
 
 
 def model_dir(spec: str) -> str:
-    if os.path.isdir(spec):
-        return spec
-    return converted_model_dir(resolve_gguf(spec, "--model"), cache_root())
+    return spec if os.path.isdir(spec) else gguf_model_dir(spec)
 
 
 def load(spec: str, dtype: str = "float32"):

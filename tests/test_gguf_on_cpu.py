@@ -185,6 +185,12 @@ def test_missing_gguf_support_names_the_extra(tiny_gguf, tmp_path, monkeypatch):
         converted_model_dir(tiny_gguf, str(tmp_path))
 
 
+def test_gguf_model_dir_resolves_and_converts_a_local_file(tiny_gguf, tmp_path):
+    directory = gguf_models.gguf_model_dir(tiny_gguf, str(tmp_path))
+    assert directory == os.path.join(str(tmp_path), "gguf", gguf_models.cache_key(tiny_gguf))
+    assert os.path.isfile(os.path.join(directory, "model.safetensors"))
+
+
 def test_cache_root_is_the_setting_then_the_environment_then_xdg(monkeypatch):
     monkeypatch.setenv("RLKIT_CACHE_DIR", "/env/cache")
     monkeypatch.setenv("XDG_CACHE_HOME", "/xdg")

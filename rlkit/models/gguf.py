@@ -84,6 +84,12 @@ def cache_root(setting: str | None = None) -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rlkit")
 
 
+def gguf_model_dir(gguf_file: str, cache_dir: str | None = None) -> str:
+    """The transformers directory for ``model.gguf_file`` (a path or ``package:<name>``) under
+    ``model.cache_dir``, converted on first use. Call it on one process per machine, then barrier."""
+    return converted_model_dir(resolve_gguf(gguf_file), cache_root(cache_dir))
+
+
 def cache_key(gguf_path: str) -> str:
     """The file's name plus a digest of its real path, size and modification time: a replaced or
     edited file gets a fresh conversion, and no run has to hash gigabytes to find its cache entry."""
