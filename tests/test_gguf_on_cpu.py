@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from rlkit.config import ConfigError
 from rlkit.models import gguf as gguf_models
 from rlkit.models.gguf import cache_root, converted_model_dir, resolve_gguf
 from rlkit.models.tiny import train_tokenizer
+from rlkit.settings import ConfigError
 
 gguf = pytest.importorskip("gguf", reason="the smollm2 extra (gguf) is not installed")
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"

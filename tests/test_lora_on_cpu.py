@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlkit.config import ConfigError
 from rlkit.models.lora import (
     adapters_disabled,
     apply_lora,
@@ -25,6 +24,7 @@ from rlkit.models.lora import (
 from rlkit.models.onednn_linear import OneDNNLinear, onednn_dtypes, use_onednn_linears
 from rlkit.models.tiny import build_tiny_model
 from rlkit.rollout.generate import generate
+from rlkit.settings import ConfigError
 
 pytest.importorskip("peft", reason="the smollm2 extra (peft) is not installed")
 PROMPTS = ["12+34=", "1+2=", "40+41=", "7+7="]

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 
 CACHE_ENV = "RLKIT_CACHE_DIR"
 PACKAGE_PREFIX = "package:"

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 
 ADAPTER_NAME = "default"
 ADAPTER_CONFIG = "adapter_config.json"
