@@ -140,6 +140,7 @@ def read_marker(run_dir: str) -> dict[str, Any]:
 
 
 def record_segment(cfg, run_dir: str, checkpoint: str | None) -> str:
+    os.makedirs(run_dir, exist_ok=True)
     state = read_json(os.path.join(checkpoint, STATE_FILE)) if checkpoint else {}
     marker = read_marker(run_dir)
     run_id = marker.get("run_id") or state.get("run_id") or new_run_id()

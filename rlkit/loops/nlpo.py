@@ -132,13 +132,18 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 
 class FrozenModelCheckpoint:
-    """The two calls :mod:`rlkit.checkpoint` makes on an extra engine, for a frozen model that
+    """What :mod:`rlkit.checkpoint` reads of an extra engine, for a frozen model that
     has no optimizer: its weights go to ``<dir>/<tag>/model.safetensors``."""
 
     FILE = "model.safetensors"
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The frozen model, named as on a DeepSpeed engine (the checkpoint's finiteness check reads it)."""
+        return self.model
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
         if is_main_process():  # every rank holds the same full copy
