@@ -45,6 +45,7 @@ def _train_job(cfg) -> float:
     from rlkit.eval.report import Report
     from rlkit.launch import finished, launch, needs_launch
     from rlkit.preemption import EXIT_PREEMPTED, Preempted, requeue_and_exit_code
+    from rlkit.rollout.vllm_engine import WeightSyncError
     from rlkit.trainer import train
     from rlkit.validate import validate
 
@@ -61,7 +62,7 @@ def _train_job(cfg) -> float:
             report = Report(run_dir, {})
         else:
             report = train(cfg, run_dir)
-    except (ConfigError, OmegaConfBaseException) as error:
+    except (ConfigError, OmegaConfBaseException, WeightSyncError) as error:
         fail(str(error).splitlines()[0])
     except Preempted as stop:
         finish_process(requeue_and_exit_code(stop))

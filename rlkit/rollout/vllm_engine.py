@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlkit.config import ConfigError
+from rlkit.models.value_head import VALUE_HEAD
+from rlkit.settings import ConfigError, Settings
 
 INSTALL_HINT = (
     "rollout=vllm needs vLLM: on a GPU `pip install -e '.[vllm]'`; on a CPU-only machine run "
@@ -46,6 +47,8 @@ INSTALL_HINT = (
 )
 # vLLM's LoRA kernels are built for these maximum ranks only
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+CPU_KV_CACHE_GIB = 1.0  # on a CPU, gpu_memory_utilization would reserve that share of the machine's RAM
 
 
 class WeightSyncError(RuntimeError):
@@ -53,19 +56,39 @@ class WeightSyncError(RuntimeError):
 
 
 @dataclass
-class VllmEngineSettings:
-    """What the engine is started with (sampling settings are per call)."""
+class VllmEngineSettings(Settings):
+    """``rollout=vllm``: what the engine is started with (sampling settings are the loop's, per call)."""
 
-    dtype: str = "float32"  # the engine's weights and activations; vLLM's "auto" follows the checkpoint
-    max_model_len: int = 1024  # prompt + response tokens per sequence
-    gpu_memory_utilization: float = 0.3  # fraction of GPU memory (on CPU: of RAM) vLLM may take
-    kv_cache_gib: float | None = None  # an explicit KV-cache size instead of gpu_memory_utilization's share
+    dtype: str | None = None  # the engine's weights and activations: float32 | bfloat16 | float16; null: the trainer's
+    max_model_len: int | None = None  # prompt + response tokens per sequence; null: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.3  # GPU: the fraction of its memory vLLM may take (weights + KV cache)
+    kv_cache_gib: float | None = (
+        None  # the KV cache's size; null: gpu_memory_utilization's share on a GPU, 1 GiB on a CPU
+    )
     enforce_eager: bool = True  # False compiles the model (about 90 s at start-up on a CPU)
-    sync_timeout_s: float = 300.0  # a weight sync taking longer ends the run with WeightSyncError
-    sleep_mode: bool = False  # GPU: free the engine's weights and KV cache while the trainer updates
-    tensor_parallel_size: int = 1  # GPU only
+    sync_timeout_s: float = 300.0  # a weight sync taking longer ends the run with WeightSyncError instead of hanging
+    sleep_mode: bool = False  # GPU: free the engine's weights and KV cache while the trainer updates (not run yet)
+    tensor_parallel_size: int = 1  # GPU only (not run yet)
     max_lora_rank: int = 0  # > 0: serve a peft policy's adapter as a vLLM LoRA; 0: sync merged weights
-    seed: int = 0
+
+    def check(self) -> None:
+        self.require(
+            self.dtype is None or self.dtype in ENGINE_DTYPES,
+            "dtype",
+            f"must be one of: {', '.join(ENGINE_DTYPES)} (or null: the trainer's)",
+        )
+        self.require(
+            self.max_model_len is None or self.max_model_len > 0,
+            "max_model_len",
+            "must be positive (or null: the model's limit)",
+        )
+        self.require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        self.require(self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib", "must be positive (or null)")
+        self.require_positive("sync_timeout_s")
+        self.require_at_least_one("tensor_parallel_size")
+        self.require(
+            0 <= self.max_lora_rank <= VLLM_LORA_RANKS[-1], "max_lora_rank", f"must be in [0, {VLLM_LORA_RANKS[-1]}]"
+        )
 
 
 @dataclass
@@ -187,7 +210,7 @@ def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> object
     worker.join(timeout_s)
     if worker.is_alive():
         raise WeightSyncError(
-            f"vLLM {what} did not finish within {timeout_s:g} s (rollout sync_timeout_s): the engine is stuck; "
+            f"vLLM {what} did not finish within {timeout_s:g} s (rollout.sync_timeout_s): the engine is stuck; "
             "stopping instead of training on stale weights"
         )
     if "error" in outcome:
@@ -230,6 +253,12 @@ def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, to
     return weights
 
 
+def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The causal LM's own weights by checkpoint name: without a value head rlkit attached to the
+    policy (``algo/value_source=value_head``), which the engine's model does not have."""
+    return [(key, tensor) for key, tensor in model.state_dict().items() if not key.startswith(f"{VALUE_HEAD}.")]
+
+
 def write_engine_dir(model, tokenizer, directory: str) -> str:
     """A model directory an engine can start from with ``dummy_weights``: the config and the
     tokenizer, no weights (they come by :meth:`VllmEngine.load_weights`)."""
@@ -256,34 +285,40 @@ class VllmEngine:
         eos_token_id: int,
         pad_token_id: int,
         dummy_weights: bool = False,
+        seed: int = 0,
     ):
         vllm = import_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
+        kv_cache_gib = settings.kv_cache_gib
         if on_cpu():
             check_model_shape(model_dir)
             if settings.sleep_mode or settings.tensor_parallel_size != 1:
-                raise ConfigError("vLLM's sleep_mode and tensor_parallel_size > 1 need a GPU; set them off on CPU")
+                raise ConfigError(
+                    "rollout.sleep_mode and rollout.tensor_parallel_size > 1 need a GPU; set them off on a CPU"
+                )
+            kv_cache_gib = kv_cache_gib or CPU_KV_CACHE_GIB
         options = dict(
             model=model_dir,
-            dtype=settings.dtype,
+            dtype=settings.dtype or "auto",
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
+            seed=seed,
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=settings.tensor_parallel_size,
             enable_sleep_mode=settings.sleep_mode,
             load_format="dummy" if dummy_weights else "auto",
         )
-        if settings.kv_cache_gib is not None:
-            options["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
+        if kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if settings.max_lora_rank > 0:
             options.update(enable_lora=True, max_loras=1, max_lora_rank=supported_lora_rank(settings.max_lora_rank))
         start = time.perf_counter()
         with preserved_process_state():
             self.llm = vllm.LLM(**options)
         self.start_seconds = time.perf_counter() - start
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # vLLM shuts the engine down when it is garbage-collected, destroying torch.distributed's
         # default group, which the trainer may be using: only close() shuts it down, keeping it
         finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
@@ -322,10 +357,10 @@ class VllmEngine:
             self.wake_up()
         caps, floors = per_prompt(max_new_tokens, len(prompt_ids)), per_prompt(min_new_tokens, len(prompt_ids))
         longest = max(len(p) + cap for p, cap in zip(prompt_ids, caps))
-        if longest > self.settings.max_model_len:
+        if longest > self.max_model_len:
             raise ConfigError(
-                f"a prompt plus its max_new_tokens is {longest} tokens, over the engine's "
-                f"max_model_len={self.settings.max_model_len}; raise max_model_len"
+                f"rollout.max_model_len={self.max_model_len}: a prompt plus its response budget is {longest} tokens; "
+                "raise it (up to the model's max_position_embeddings) or shorten task.max_new_tokens"
             )
         params = [
             SamplingParams(
@@ -385,8 +420,7 @@ class VllmEngine:
                 self.has_base_weights = True
             self.load_adapter(model)
         else:
-            weights = merged_weights(model) if is_peft(model) else list(model.state_dict().items())
-            self.reload(weights)
+            self.reload(merged_weights(model) if is_peft(model) else checkpoint_weights(model))
         self.sync_seconds = time.perf_counter() - start
         return self.sync_seconds
 
