@@ -31,8 +31,13 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
-def fail(message: str) -> None:
+def fail(message: str, at_once: bool = False) -> None:
+    """Exit 2 with a one-line error; ``at_once``: without running exit handlers (a stuck engine's
+    threads and libraries then cannot hold the process or print after the message)."""
     print(f"rlkit: error: {message}", file=sys.stderr)
+    if at_once:
+        sys.stderr.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -62,8 +67,10 @@ def _train_job(cfg) -> float:
             report = Report(run_dir, {})
         else:
             report = train(cfg, run_dir)
-    except (ConfigError, OmegaConfBaseException, WeightSyncError) as error:
+    except (ConfigError, OmegaConfBaseException) as error:
         fail(str(error).splitlines()[0])
+    except WeightSyncError as error:
+        fail(str(error).splitlines()[0], at_once=True)
     except Preempted as stop:
         finish_process(requeue_and_exit_code(stop))
     return report.evaluations[-1]["accuracy"] if report.evaluations else float("nan")
