@@ -300,7 +300,7 @@ class VllmEngine:
             kv_cache_gib = kv_cache_gib or CPU_KV_CACHE_GIB
         options = dict(
             model=model_dir,
-            dtype=settings.dtype or "auto",
+            dtype=settings.dtype or "float32",  # rlkit's default precision where no trainer says otherwise
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
