@@ -83,6 +83,11 @@ class Loop:
             with timer.phase("weight_sync"):
                 self.rollout.sync_weights()
 
+    def close(self) -> None:
+        """At the end of the run: free what the rollout backend holds (an inference engine's memory)."""
+        if self.rollout is not None:
+            self.rollout.close()
+
     def optim(self) -> OptimSettings:
         """``algo.optim`` with the learning rate resolved (null: the model preset's)."""
         optim = self.settings.optim

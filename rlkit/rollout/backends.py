@@ -8,7 +8,7 @@ holding its own copy of the weights (an inference engine: ``own_weights``) sampl
 current policy; the loop then also compares its behaviour log-probs with the trainer's
 (``rollout/mismatch_*``). ``check_config(cfg)`` refuses, before any model is built, a run the
 backend cannot serve; ``supports_logits_processor`` says whether it can reshape each step's
-distribution (NLPO's masked sampling).
+distribution (NLPO's masked sampling). ``close()`` frees what it holds at the end of the run.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ class HFRollout:
 
     def sync_weights(self) -> None:
         """Nothing to do: the sampler runs the module the optimizer updates."""
+
+    def close(self) -> None:
+        """Nothing to free."""
 
 
 @ROLLOUTS.register("vllm", VllmEngineSettings)
@@ -204,6 +207,7 @@ class VllmRollout:
         self.loaded = True
 
     def close(self) -> None:
+        """Shut the engine down and free its memory (a Hydra multirun builds one per job in one process)."""
         self.engine.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 

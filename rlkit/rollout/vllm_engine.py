@@ -490,8 +490,9 @@ class VllmEngine:
         """Shut the engine down and free its memory (weights, KV cache). vLLM's shutdown ends by
         tearing down the process's distributed state: torch.distributed's default group, which
         the trainer shares, and vLLM's own groups, which any other engine in the process uses.
-        That last step is skipped."""
-        if self.llm is not None:
+        That last step is skipped. A stuck engine (a stalled sync still running) is left as it is:
+        shutting it down could wait on the stall."""
+        if self.llm is not None and not self.stuck:
             import vllm.v1.engine.core as engine_core
 
             teardown = engine_core.cleanup_dist_env_and_memory
