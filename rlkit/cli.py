@@ -1,10 +1,11 @@
-"""The ``rlkit`` command: ``train`` (Hydra), ``eval``."""
+"""The ``rlkit`` command: ``train`` (Hydra), ``eval``, ``compare``, ``export``."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import signal
 import sys
 
 USAGE = """usage: rlkit <command> [overrides...]
@@ -13,6 +14,8 @@ commands:
   train [key=value ...] [group=option ...]   train (Hydra: --multirun, --cfg job, --help work)
   eval checkpoint=PATH [key=value ...]       write the evaluation report for any checkpoint
   compare DIR                                aggregate the runs under DIR (a sweep) into compare.md/.json/.png
+  export checkpoint=PATH output_dir=PATH     write a checkpoint's model (a LoRA adapter merged) as a plain
+         [base_model=PATH]                   transformers model + tokenizer
 
 examples:
   rlkit train
@@ -20,6 +23,7 @@ examples:
   rlkit train --multirun algo.optim.lr=1e-5,3e-5 seed=1,2
   rlkit eval checkpoint=outputs/default/checkpoints/100
   rlkit compare outputs/multirun/2026-01-01_12-00-00
+  rlkit export checkpoint=outputs/default/checkpoints/100 output_dir=merged
 """
 
 
@@ -31,14 +35,14 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
-def fail(message: str, at_once: bool = False) -> None:
-    """Exit 2 with a one-line error; ``at_once``: without running exit handlers (a stuck engine's
-    threads and libraries then cannot hold the process or print after the message)."""
+def fail(message: str, code: int = 2, at_once: bool = False) -> None:
+    """Exit ``code`` with a one-line error; ``at_once``: without running exit handlers (a stuck
+    engine's threads and libraries then cannot hold the process or print after the message)."""
     print(f"rlkit: error: {message}", file=sys.stderr)
     if at_once:
         sys.stderr.flush()
-        os._exit(2)
-    sys.exit(2)
+        os._exit(code)
+    sys.exit(code)
 
 
 def _train_job(cfg) -> float:
@@ -47,10 +51,12 @@ def _train_job(cfg) -> float:
     from omegaconf.errors import OmegaConfBaseException
 
     from rlkit.config import ConfigError
+    from rlkit.errors import RunError
     from rlkit.eval.report import Report
     from rlkit.launch import finished, launch, needs_launch
     from rlkit.preemption import EXIT_PREEMPTED, Preempted, requeue_and_exit_code
     from rlkit.rollout.vllm_engine import WeightSyncError
+    from rlkit.run_dir import check_output_dir
     from rlkit.trainer import train
     from rlkit.validate import validate
 
@@ -58,8 +64,7 @@ def _train_job(cfg) -> float:
     try:
         OmegaConf.resolve(cfg)
         validate(cfg, int(os.environ.get("WORLD_SIZE", cfg.hardware.num_procs)))
-        if os.environ.get("RANK", "0") == "0":
-            OmegaConf.save(cfg, os.path.join(run_dir, "config.yaml"))
+        check_output_dir(run_dir, cfg.trainer.allow_nonempty_dir, (".hydra", f"{HydraConfig.get().job.name}.log"))
         if needs_launch(cfg):
             code = launch(cfg, run_dir, list(HydraConfig.get().overrides.task))
             if code or not finished(run_dir, cfg.trainer.max_steps):
@@ -69,8 +74,10 @@ def _train_job(cfg) -> float:
             report = train(cfg, run_dir)
     except (ConfigError, OmegaConfBaseException) as error:
         fail(str(error).splitlines()[0])
-    except WeightSyncError as error:
-        fail(str(error).splitlines()[0], at_once=True)
+    except WeightSyncError as error:  # a stuck engine: its threads must not hold the process
+        fail(str(error).splitlines()[0], code=1, at_once=True)
+    except RunError as error:
+        fail(str(error).splitlines()[0], code=1)
     except Preempted as stop:
         finish_process(requeue_and_exit_code(stop))
     return report.evaluations[-1]["accuracy"] if report.evaluations else float("nan")
@@ -115,19 +122,57 @@ def compare_main(args: list[str]) -> None:
     print(f"{len(table)} algorithms compared: {os.path.join(args[0], 'compare.md')}")
 
 
+EXPORT_KEYS = ("checkpoint", "output_dir", "base_model")
+
+
+def export_main(args: list[str]) -> None:
+    from rlkit.config import ConfigError
+    from rlkit.models.lora import export_merged
+
+    values = dict(arg.partition("=")[::2] for arg in args)
+    unknown = [arg for arg in args if "=" not in arg or arg.partition("=")[0] not in EXPORT_KEYS]
+    if unknown or not values.get("checkpoint") or not values.get("output_dir"):
+        fail(
+            f"usage: rlkit export checkpoint=PATH output_dir=PATH [base_model=PATH]; got: {' '.join(args) or 'nothing'}"
+        )
+    if os.path.exists(values["output_dir"]) and os.listdir(values["output_dir"]):
+        fail(f"output_dir={values['output_dir']} is not empty: nothing overwritten")
+    try:
+        export_merged(values["checkpoint"], values["output_dir"], values.get("base_model"))
+    except ConfigError as error:
+        fail(str(error))
+    print(f"exported {values['checkpoint']} to {values['output_dir']}")
+
+
 def quiet_libraries() -> None:
-    """Hide transformers' per-file load/save progress bars; rlkit shows its own."""
+    """Hide transformers' per-file load/save and datasets' per-map progress bars; rlkit shows its own
+    (and an error after data loading stays the one line it is)."""
+    import datasets
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def exit_quietly_on_interrupt() -> None:
+    """Until training installs its own handlers (checkpoint, then stop), SIGINT and SIGTERM end
+    the process at once with one line: nothing is saved yet, and no library prints a traceback."""
+
+    def leave(signum, frame) -> None:
+        os.write(2, f"rlkit: {signal.Signals(signum).name} received before training started; stopped\n".encode())
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave)
 
 
 def main() -> None:
+    exit_quietly_on_interrupt()
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if len(sys.argv) >= 2 else 2)
     command, rest = sys.argv[1], sys.argv[2:]
-    if command in ("train", "eval"):
+    if command in ("train", "eval", "export"):
         quiet_libraries()
     if command == "train":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(rest):
@@ -140,8 +185,10 @@ def main() -> None:
         eval_main(rest)
     elif command == "compare":
         compare_main(rest)
+    elif command == "export":
+        export_main(rest)
     else:
-        fail(f"unknown command '{command}'; valid: train, eval, compare")
+        fail(f"unknown command '{command}'; valid: train, eval, compare, export")
     finish_process()
 
 

@@ -21,13 +21,8 @@ from omegaconf import MISSING
 
 from rlkit.settings import Checked, ConfigError  # noqa: F401  (ConfigError re-exported: the error every check raises)
 
-PREEMPT_SIGNALS = (
-    "SIGUSR1",
-    "SIGUSR2",
-    "SIGTERM",
-    "SIGINT",
-    "SIGHUP",
-)  # what SLURM (--signal, preemption) or a user may send
+# what SLURM (--signal, preemption) or a user may send
+PREEMPT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -171,16 +166,24 @@ class TrainerConfig(Checked):
     sample_completions: int = 8  # completions logged as a table per logged step
     # on one: checkpoint at the next step boundary, requeue the SLURM job, exit (sbatch --signal; submitit sends USR2)
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2"])
+    # on one: checkpoint at the next step boundary and exit 128+signal (kill, Ctrl-C, Docker, Kubernetes); a second
+    # one exits at once
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT"])
+    max_skipped_steps: int = (
+        10  # optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops
+    )
+    allow_nonempty_dir: bool = (
+        False  # write into a non-empty dir that is not an rlkit run (same-named files may be overwritten)
+    )
 
     def check(self) -> None:
-        self.require_at_least_one("prompts_per_step_global", "micro_batch_per_device")
+        self.require_at_least_one("prompts_per_step_global", "micro_batch_per_device", "max_skipped_steps")
         self.require_non_negative("max_steps", "eval_every", "save_every", "keep_checkpoints", "sample_completions")
-        unknown = [name for name in self.preempt_signals if name not in PREEMPT_SIGNALS]
-        self.require(
-            not unknown,
-            "preempt_signals",
-            f"{unknown[0] if unknown else ''!r} is not one of: {', '.join(PREEMPT_SIGNALS)}",
-        )
+        for key in ("preempt_signals", "stop_signals"):
+            unknown = [name for name in getattr(self, key) if name not in PREEMPT_SIGNALS]
+            self.require(
+                not unknown, key, f"{unknown[0] if unknown else ''!r} is not one of: {', '.join(PREEMPT_SIGNALS)}"
+            )
 
 
 @dataclass
@@ -212,7 +215,7 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
-    resume: str = "auto"  # auto: continue from the run dir's last checkpoint | never | a checkpoint path
+    resume: str = "auto"  # auto: continue from the run dir's newest intact checkpoint | force: the same, even if the config changed | never | a checkpoint path
     run_name: str = MISSING  # names the run dir under outputs/
 
 
@@ -225,6 +228,18 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="rlkit_schema", node=RootConfig)
 
 
+def old_layout_key(saved) -> str | None:
+    """The first component key that a saved config holds as a bare name (``algo.advantage: grpo``): a
+    config written before components had config groups; None for the current layout."""
+    from omegaconf import OmegaConf
+
+    from rlkit.registry import GROUPS
+
+    register_schema()
+    names = (registry.key for registry in GROUPS.values() if registry.key != "algo")
+    return next((key for key in names if isinstance(OmegaConf.select(saved, key, default=None), str)), None)
+
+
 def typed_config(saved, overrides: list[str] = ()):
     """A config saved as plain YAML (a run's ``config.yaml``, a checkpoint's) typed again as when
     it was composed: the root schema, the loop's settings for ``algo`` and each component's own
@@ -235,14 +250,13 @@ def typed_config(saved, overrides: list[str] = ()):
     from rlkit.registry import GROUPS
 
     register_schema()
+    old = old_layout_key(saved)
+    if old:
+        raise ConfigError(
+            f"{old}: {OmegaConf.select(saved, old)!r} is a name, not a node: this config predates rlkit's "
+            "component config groups; compose it anew with `rlkit train` overrides"
+        )
     registries = sorted(GROUPS.values(), key=lambda r: r.key.count("."))  # parents before their children
-    for registry in registries:
-        name = OmegaConf.select(saved, registry.key, default=None)
-        if isinstance(name, str):
-            raise ConfigError(
-                f"{registry.key}: {name!r} is a name, not a node: this config predates rlkit's component "
-                "config groups; compose it anew with `rlkit train` overrides"
-            )
     cfg = OmegaConf.merge(OmegaConf.structured(RootConfig), saved)
     for registry in registries:
         node = OmegaConf.select(cfg, registry.key, default=None)

@@ -3,7 +3,9 @@ this machine, started by ``torch.distributed.run`` (torchrun) and waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -22,6 +24,9 @@ def launch(cfg, run_dir: str, overrides: list[str]) -> int:
     Every rank must agree on the run dir: it is passed explicitly, so a multirun job's
     processes also write into its sweep subdirectory. The preemption signals are ignored
     here and in torchrun's agent (a signal would otherwise kill it); the workers handle them.
+    torchrun runs in a session of its own (Ctrl-C in a terminal reaches only this process), and a
+    stop signal sent here (``kill``, Ctrl-C) is passed on to the workers, which checkpoint at the
+    next step and stop; this process then returns 128 + the signal unless the run finished.
     """
     command = [
         sys.executable,
@@ -36,10 +41,38 @@ def launch(cfg, run_dir: str, overrides: list[str]) -> int:
         f"hydra.run.dir='{run_dir}'",
     ]
     previous = ignore_signals(list(cfg.trainer.preempt_signals))
+    stopped: list[int] = []
     try:
-        return subprocess.call(command)
+        agent = subprocess.Popen(command, start_new_session=True)
+
+        def forward(signum, frame) -> None:
+            stopped.append(signum)
+            for pid in child_processes(agent.pid) or [agent.pid]:  # the workers; the agent while it starts them
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+        for name in cfg.trainer.stop_signals:
+            if name not in cfg.trainer.preempt_signals:
+                previous[name] = signal.signal(signal.Signals[name], forward)
+        code = agent.wait()
     finally:
         restore_signals(previous)
+    return 128 + stopped[0] if stopped and not finished(run_dir, cfg.trainer.max_steps) else code
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
+    children = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                children.append(int(entry))
+    return children
 
 
 def finished(run_dir: str, max_steps: int) -> bool:

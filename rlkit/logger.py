@@ -80,6 +80,12 @@ class RunLogger:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in postfix if k in metrics})
 
+    def sync(self) -> None:
+        """fsync ``metrics.jsonl`` (before a checkpoint, so a power cut loses no step it holds)."""
+        if self.enabled:
+            self._metrics_file.flush()
+            os.fsync(self._metrics_file.fileno())
+
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         if self.enabled and self._wandb is not None and rows:
             import wandb

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import shutil
 import uuid
 from typing import Any
 
@@ -13,8 +12,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from rlkit.checkpoint import list_checkpoints
-from rlkit.config import ConfigError
+from rlkit import atomic
+from rlkit.checkpoint import newest_intact_checkpoint, verified_checkpoint
 from rlkit.engine import barrier, build_engine, is_main_process, rank, world_size
 from rlkit.models import build_tiny_model, configure_for_training, load_pretrained, load_tokenizer
 from rlkit.rewards import build_reward, resolve_reward_fn
@@ -74,12 +73,13 @@ def seed_everything(seed: int) -> None:
 
 
 def resume_checkpoint(cfg, run_dir: str) -> str | None:
+    """The verified checkpoint to resume from (collective): ``auto`` and ``force`` take the run dir's
+    newest intact one, skipping damaged ones; a path must itself be intact."""
     if cfg.resume == "never":
         return None
-    if cfg.resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    return cfg.resume
+    if cfg.resume in ("auto", "force"):
+        return newest_intact_checkpoint(run_dir)
+    return verified_checkpoint(cfg.resume)
 
 
 def build_run(cfg, run_dir: str) -> Run:
@@ -110,11 +110,8 @@ def base_model_dir(run: Run) -> str:
 
 
 def save_atomically(directory: str, write) -> None:
-    tmp = directory.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+    """``write(tmp)`` fills a temporary directory that replaces ``directory`` once complete and fsync'ed."""
+    atomic.replace_directory(directory, write)
 
 
 def load_model(run: Run, source: str):
@@ -159,8 +156,3 @@ def new_run_id() -> str:
 
 def resolved_config(cfg) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def check_resume_path(path: str | None) -> None:
-    if path and not os.path.isfile(os.path.join(path, "trainer_state.json")):
-        raise ConfigError(f"resume='{path}' is not a complete rlkit checkpoint (no trainer_state.json)")

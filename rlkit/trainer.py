@@ -11,9 +11,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from rlkit.checkpoint import full_state_dict, load_checkpoint, save_checkpoint
+from rlkit.checkpoint import check_finite_weights, full_state_dict, load_checkpoint, save_checkpoint
 from rlkit.engine import barrier, init_distributed, is_main_process
 from rlkit.engine.cpu_heap import keep_freed_memory
+from rlkit.engine.step import SKIPPED
+from rlkit.errors import RunError
 from rlkit.eval import evaluate
 from rlkit.eval.report import Report, truncate_metrics
 from rlkit.logger import PhaseTimer, RunLogger
@@ -21,18 +23,17 @@ from rlkit.loops import LOOPS
 from rlkit.loops.sft import SFTLoop
 from rlkit.metrics import peak_memory
 from rlkit.models.onednn_linear import onednn_dtypes
-from rlkit.preemption import Preempted, PreemptionWatch
+from rlkit.preemption import PreemptionWatch
 from rlkit.run import (
     base_model_dir,
     build_run,
-    check_resume_path,
     load_model,
-    new_run_id,
     resolved_config,
     resume_checkpoint,
     save_atomically,
     seed_everything,
 )
+from rlkit.run_dir import start_segment
 
 PROGRESS_KEYS = ("reward/mean", "sft/loss", "actor/kl", "time/step")
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 def train(cfg, run_dir: str) -> Report:
     """Raises :class:`Preempted` after saving a checkpoint when a preemption signal arrived."""
-    watch = PreemptionWatch(cfg.trainer.preempt_signals)  # first: a signal during start-up must not kill the job
+    watch = PreemptionWatch(
+        cfg.trainer.preempt_signals, cfg.trainer.stop_signals
+    )  # first: a signal during start-up must not kill the job
     init_distributed(cfg.hardware.device)
     if cfg.hardware.device == "cpu":
         keep_freed_memory()
@@ -48,17 +51,19 @@ def train(cfg, run_dir: str) -> Report:
     seed_everything(cfg.seed)
     run = build_run(cfg, run_dir)
     checkpoint = resume_checkpoint(cfg, run_dir)
-    check_resume_path(checkpoint)
+    run_id = start_segment(cfg, run_dir, checkpoint)
     start_dir = base_model_dir(run)
     if cfg.model.warmstart.steps and cfg.algo.loop != "sft":
-        start_dir = warm_start(run, start_dir)
+        start_dir = warm_start(run, start_dir, watch)
     model, run.tokenizer = load_model(run, checkpoint or start_dir)
     loop = LOOPS.get(cfg.algo.loop)(run, model, start_dir)
     state = load_checkpoint(checkpoint, loop.engine, loop.extra_engines()) if checkpoint else {}
     if state:
         loop.load_state_dict(state["loop"])
+        if is_main_process():
+            log.info("resumed from %s at step %d of %d", checkpoint, state["step"], cfg.trainer.max_steps)
+    SKIPPED.load_state_dict(state.get("skipped_steps", {"total": 0, "consecutive": 0}))
     start_step = state.get("step", 0)
-    run_id = state.get("run_id") or new_run_id()
     if is_main_process():
         truncate_metrics(run_dir, start_step)  # steps after the checkpoint are redone
     logger = RunLogger(cfg.logger, run_dir, run_id, resolved_config(cfg), resumed=bool(state))
@@ -107,12 +112,13 @@ def run_loop(
 
     def checkpoint(step: int) -> None:
         started = time.perf_counter()
+        logger.sync()  # the metrics up to this step are as durable as the checkpoint
         save_checkpoint(
             run.run_dir,
             step,
             loop.engine,
             run.tokenizer,
-            {"run_id": run_id, "loop": loop.state_dict()},
+            {"run_id": run_id, "loop": loop.state_dict(), "skipped_steps": SKIPPED.state_dict()},
             run.cfg,
             cfg.keep_checkpoints,
             loop.extra_engines(),
@@ -128,12 +134,15 @@ def run_loop(
     for step in range(start_step + 1, cfg.max_steps + 1):
         timer = PhaseTimer()
         started = time.perf_counter()
+        skipped_before = SKIPPED.total
         metrics, samples = loop.step(step, timer)
         seconds = time.perf_counter() - started
         metrics.update(timer.metrics())
+        metrics["train/skipped_steps"] = report_skipped_steps(step, skipped_before)
         metrics["time/step"] = seconds
         metrics["throughput/tokens_per_s"] = metrics.pop("tokens") / seconds
         logger.log(metrics, step, PROGRESS_KEYS)
+        stop_if_stuck(step, cfg.max_skipped_steps)
         logger.table(
             "samples",
             ["prompt", "completion", "reward", "answer"],
@@ -149,7 +158,7 @@ def run_loop(
         if not last and watch.requested():
             if not saved:
                 checkpoint(step)
-            raise Preempted(step)
+            raise watch.stop(step)
 
 
 def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, label: str) -> None:
@@ -170,9 +179,34 @@ def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, l
         report.write()
 
 
-def warm_start(run, base_dir: str) -> str:
+def report_skipped_steps(step: int, skipped_before: int) -> int:
+    """Say how many optimizer steps of ``step`` were skipped (non-finite loss or gradient norm);
+    returns the run's total."""
+    if SKIPPED.total > skipped_before and is_main_process():
+        log.warning(
+            "step %d: %d optimizer step(s) skipped (%s); %d in a row, %d in all",
+            step,
+            SKIPPED.total - skipped_before,
+            SKIPPED.reason,
+            SKIPPED.consecutive,
+            SKIPPED.total,
+        )
+    return SKIPPED.total
+
+
+def stop_if_stuck(step: int, limit: int) -> None:
+    """:class:`RunError` once ``limit`` optimizer steps in a row were skipped."""
+    if SKIPPED.consecutive >= limit:
+        raise RunError(
+            f"stopped at step {step}: {SKIPPED.consecutive} optimizer steps in a row skipped ({SKIPPED.reason}); "
+            "the saved checkpoints hold finite weights; check the rewards and algo.lr, or raise trainer.max_skipped_steps"
+        )
+
+
+def warm_start(run, base_dir: str, watch: PreemptionWatch) -> str:
     """Supervised steps on reference solutions, saved once as ``<run>/warmstart``;
-    a resumed run reuses it."""
+    a resumed run reuses it. A stop or preemption signal ends it at once (nothing is saved
+    before it completes: the next run does it again)."""
     directory = run.path("warmstart")
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
@@ -184,8 +218,14 @@ def warm_start(run, base_dir: str) -> str:
         range(1, ws.steps + 1), desc="warm start (SFT)", disable=not (is_main_process() and run.cfg.logger.progress_bar)
     )
     for step in bar:
+        skipped_before = SKIPPED.total
         metrics, _ = loop.step(step, PhaseTimer())
+        report_skipped_steps(step, skipped_before)
+        stop_if_stuck(step, run.cfg.trainer.max_skipped_steps)
         bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
+        if watch.requested():
+            raise watch.stop(0)
+    check_finite_weights({"warm-start": loop.engine}, ws.steps)
     state_dict = full_state_dict(loop.engine)
     if is_main_process():
         save_atomically(

@@ -29,17 +29,15 @@ def validate(cfg, world_size: int = 1) -> None:
     check_settings(OmegaConf.to_object(cfg))
     if cfg.task.name not in TASKS:
         raise ConfigError(f"task.name={cfg.task.name!r} is not one of: {', '.join(TASKS)}")
-    parse_options(
-        TASKS.get(cfg.task.name).Options, cfg.task.options
-    )  # unknown task.options keys, before any data loads
+    parse_options(TASKS.get(cfg.task.name).Options, cfg.task.options)  # unknown task.options keys, before data loads
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
     check_rollout(cfg)
     check_rewards(cfg)
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
-    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
-        raise ConfigError(f"resume={cfg.resume!r}: use auto, never, or the path of a checkpoint directory")
+    if cfg.resume not in ("auto", "force", "never") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume!r}: use auto, force, never, or the path of a checkpoint directory")
 
 
 def missing_message(key: str) -> str:

@@ -4,7 +4,8 @@ process (so each run's peak RSS is its own), ``--jobs`` at a time; all runs of a
 from that seed's warm start, trained once; then ``rlkit compare`` writes the table and plot.
 
     python scripts/compare_algorithms.py outputs/compare trainer.max_steps=50 trainer.eval_every=25
-    python scripts/compare_algorithms.py outputs/compare --configs "algo=grpo" "algo=remax algo.group_size=8" --seeds 1 2
+    python scripts/compare_algorithms.py outputs/compare --configs "algo=grpo" "algo=remax algo.group_size=8" \
+        --seeds 1 2
 
 Positional overrides after OUT_DIR apply to every run. A configuration is a space-separated set
 of overrides. Rerunning the same command skips finished runs, so an interrupted sweep resumes.

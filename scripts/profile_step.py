@@ -63,8 +63,10 @@ def products_summary(prof, peak: float, shapes: dict) -> str:
     seconds = sum(e.self_cpu_time_total for e in events) / 1e6
     total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6
     return (
-        f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = {flops / seconds / 1e9:.1f} GFLOP/s, "
-        f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, the best of {', '.join(shapes)} through "
+        f"Products ({len(events)} calls): {flops / 1e9:.1f} GFLOP in {seconds:.3f} s of operator time = "
+        f"{flops / seconds / 1e9:.1f} GFLOP/s, "
+        f"{flops / seconds / peak:.0%} of this run's matmul peak ({peak / 1e9:.1f} GFLOP/s, "
+        f"the best of {', '.join(shapes)} through "
         f"{' and '.join(MATMUL_BACKENDS)}); every other operator: {total - seconds:.3f} s ({1 - seconds / total:.0%})."
     )
 
@@ -140,10 +142,12 @@ def main() -> None:
     peak = max(matmul_flops_per_s(*dims, dtype, backend) for dims in shapes.values() for backend in MATMUL_BACKENDS)
     lines = [
         f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
-        f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, cpu_matmul={args.cpu_matmul}, "
+        f"{PROMPTS} prompts x {GROUP} samples, {torch.get_num_threads()} threads, {args.dtype}, "
+        f"cpu_matmul={args.cpu_matmul}, "
         f"{cpu_description()}",
         "",
-        f"Measured by `python scripts/profile_step.py --size {args.size} --dtype {args.dtype} --cpu-matmul {args.cpu_matmul}` "
+        f"Measured by `python scripts/profile_step.py --size {args.size} --dtype {args.dtype} "
+        f"--cpu-matmul {args.cpu_matmul}` "
         f"at rlkit {rlkit_commit()}.",
         "",
     ]

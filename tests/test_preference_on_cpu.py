@@ -188,7 +188,9 @@ def test_split_dialogue_keeps_the_last_assistant_turn():
 
 
 def task_cfg(name: str, path: Path, **options):
-    return OmegaConf.create({"name": name, "path": str(path), "max_train_rows": None, "options": options})
+    return OmegaConf.create(
+        {"name": name, "path": str(path), "prompt_template": "{question}", "max_train_rows": None, "options": options}
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -204,8 +206,8 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path):
         {"prompt": "q", "chosen": "same", "rejected": "same"},
         {"prompt": "q", "chosen": " ", "rejected": "x"},
         {"prompt": "q", "rejected": "x"},
-        "not json",
-        [1, 2],
+        {"prompt": "q", "chosen": "a"},
+        {"chosen": "a", "rejected": "b"},
     ]
     task = build_task(
         task_cfg("preference", write_jsonl(tmp_path / "pairs.jsonl.gz", good + bad), test_fraction=0.2, split_seed=3)
@@ -216,6 +218,7 @@ def test_malformed_rows_are_counted_not_fatal(tmp_path):
     assert train[0]["solution"] == train[0]["chosen"] == train[0]["responses"][0]
     assert task.summary["malformed_rows_train"] == 5
     assert "chosen == rejected: 1" in task.summary["malformed_reasons_train"]
+    assert "missing 'rejected': 1" in task.summary["malformed_reasons_train"]
     again = build_task(task_cfg("preference", tmp_path / "pairs.jsonl.gz", test_fraction=0.2, split_seed=3))
     assert again.split("test")["question"] == test["question"]  # the split is seeded
 

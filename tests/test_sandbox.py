@@ -161,6 +161,61 @@ def test_output_flood_is_capped():
     assert len(result.stdout) == 1000  # the caller keeps only output_bytes; the file was capped at 4 MB
 
 
+# Completions that try to forge a pass instead of computing the answer: each must score 0.
+FORGERIES = {
+    "an object equal to everything": "class Any:\n    __eq__ = lambda self, other: True\nreturn Any()",
+    "an int whose == is always true": "class Yes(int):\n    __eq__ = lambda self, other: True\nreturn Yes(0)",
+    "a list subclass equal to everything": "class L(list):\n    __eq__ = lambda self, other: True\nreturn L()",
+    "builtins patched for the tests": "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = None\nreturn -1",
+    "the pass marker read from its own code and printed": (
+        "import gc, os, sys\n"
+        "texts = [c for o in gc.get_objects() if type(o).__name__ == 'code' for c in o.co_consts if isinstance(c, str)]\n"
+        "frame = sys._getframe()\n"
+        "while frame:\n"
+        "    texts += [c for c in frame.f_code.co_consts if isinstance(c, str)]\n"
+        "    frame = frame.f_back\n"
+        "print(*[t for t in texts if 'passed' in t], flush=True)\n"
+        "os._exit(0)"
+    ),
+    "an exit hook that claims success": (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: (print('all tests passed', flush=True), os._exit(0)))\n"
+        "sys.excepthook = lambda *a: None\n"
+        "return -1"
+    ),
+    "a fake result written to every pipe before any call": (
+        "import os\n"
+        "for fd in range(3, 20):\n"
+        "    try:\n"
+        "        os.write(fd, b'{\"return\": true}\\n' * 10)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "return -1"
+    ),
+    "the test process killed": "import os, signal\nfor pid in range(1, 200):\n    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\nreturn -1",
+}
+
+
+@pytest.mark.parametrize("attack", FORGERIES, ids=list(FORGERIES))
+def test_a_completion_cannot_forge_a_pass(attack: str):
+    assert score(FORGERIES[attack]) == 0.0
+
+
+def test_results_cross_as_plain_data_with_exact_types():
+    assert score("return float(a + b)") == 1.0  # 5.0 == 5: values compare as the tests wrote them
+    exact = "assert add((1,), (2,)) == (1, 2) and type(add((1,), (2,))) is tuple\nassert add({1}, set()) == {1}\n"
+    assert code_tests_reward(
+        [PROMPT], ["    return a + b if type(a) is tuple else a | b\n"], [PROMPT], [exact], ["add"], **LIMITS
+    ) == [1.0]
+    raises = "try:\n    add(1, 'x')\nexcept TypeError:\n    pass\nelse:\n    raise AssertionError\n"
+    assert code_tests_reward([PROMPT], ["    return a + b\n"], [PROMPT], [raises], ["add"], **LIMITS) == [1.0]
+
+
+def test_rows_without_an_entry_point_run_program_and_tests_in_one_process():
+    assert code_tests_reward([PROMPT], ["    return a + b\n"], [PROMPT], [TESTS], [""], **LIMITS) == [1.0]
+    assert code_tests_reward([PROMPT], ["    return a - b\n"], [PROMPT], [TESTS], [""], **LIMITS) == [0.0]
+
+
 def test_program_source_continues_the_prompt_or_takes_a_fenced_function():
     assert (
         program_source(PROMPT, "    return a + b\n\ndef extra(): pass\nprint(1)") == PROMPT + "    return a + b\n"

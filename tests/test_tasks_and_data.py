@@ -225,7 +225,7 @@ def test_gsm8k_local_dir_missing_test_file(tmp_path):
 
 def test_gsm8k_rows_without_answer_column(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "solution": "s"}) + "\n")
-    with pytest.raises(ConfigError, match=r"lack \['answer'\]"):
+    with pytest.raises(ConfigError, match=r"train.jsonl' line 1: field 'answer' is missing"):
         GSM8KTask(task_cfg(name="gsm8k", path=str(tmp_path))).split("train")
 
 
@@ -240,9 +240,9 @@ def test_gsm8k_path_that_is_a_file_or_missing_local_dir(tmp_path):
 
 def test_malformed_jsonl_is_a_one_line_error_naming_the_file(tmp_path):
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\nnot json\n")
-    with pytest.raises(ConfigError, match=r"cannot read '.*train.jsonl': JSON parse error"):
+    with pytest.raises(ConfigError, match=r"'.*train.jsonl' line 2: not valid JSON"):
         GSM8KTask(task_cfg(name="gsm8k", path=str(tmp_path))).split("train")
-    with pytest.raises(ConfigError, match=r"cannot read '.*train.jsonl': JSON parse error"):
+    with pytest.raises(ConfigError, match=r"'.*train.jsonl' line 2: not valid JSON"):
         build_task(task_cfg(name="math", path=str(tmp_path / "train.jsonl"))).split("train")
 
 
@@ -257,6 +257,9 @@ def test_unloadable_models_are_one_line_errors(tmp_path):
         from_pretrained(AutoTokenizer, "no-such-org/no-such-model")  # the tests run offline
     with pytest.raises(ConfigError, match=f"cannot load '{tmp_path}'"):
         from_pretrained(AutoTokenizer, str(tmp_path))  # a directory without a tokenizer
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match="model path '.*model.safetensors' is a file; give the directory"):
+        from_pretrained(AutoTokenizer, str(tmp_path / "model.safetensors"))
 
 
 def test_gsm8k_unknown_option():

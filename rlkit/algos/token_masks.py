@@ -30,9 +30,8 @@ def top_p_mask(logits: torch.Tensor, p: float, temperature: float = 1.0, min_tok
     probs = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), dim=-1)
     sorted_probs = probs.sort(dim=-1, descending=True).values
     mass_before = torch.nn.functional.pad(sorted_probs.cumsum(-1)[..., :-1], (1, 0))  # exclusive prefix sums
-    kept = (
-        (mass_before < p).sum(-1, keepdim=True).clamp(min=min_tokens_to_keep, max=probs.shape[-1])
-    )  # >= 1: mass_before[0] = 0
+    # >= 1: mass_before[0] = 0
+    kept = (mass_before < p).sum(-1, keepdim=True).clamp(min=min_tokens_to_keep, max=probs.shape[-1])
     threshold = sorted_probs.gather(-1, kept - 1)  # probability of the least probable kept token
     return probs >= threshold
 

@@ -23,9 +23,7 @@ def per_step(step_ids: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -
     previous = torch.nn.functional.pad(steps[:, :-1], (1, 0), value=-1)
     first = valid & (steps != previous)
     num_steps = int(steps.max()) + 1 if steps.numel() else 1
-    scratch = torch.where(
-        first, steps, torch.full_like(steps, num_steps)
-    )  # non-first tokens write into a discarded column
+    scratch = torch.where(first, steps, torch.full_like(steps, num_steps))  # others write a discarded column
     step_values = torch.zeros(steps.shape[0], num_steps + 1, dtype=torch.float64, device=steps.device)
     step_values.scatter_(1, scratch, values.to(torch.float64))
     present = torch.zeros_like(step_values).scatter_(1, scratch, 1.0)[:, :num_steps]
@@ -65,9 +63,8 @@ def vine_advantage(inputs: AdvantageInputs, settings: NormalisedSettings) -> tup
     mask = _float_mask(inputs.response_mask)
     steps, step_values = per_step(inputs.step_ids, inputs.response_mask, inputs.values)
     step_rewards = torch.zeros_like(step_values).scatter_add_(1, steps, inputs.token_rewards.to(torch.float64) * mask)
-    next_values = torch.nn.functional.pad(
-        step_values[:, 1:], (0, 1)
-    )  # 0 past the last step (a missing step has value 0 too)
+    # 0 past the last step (a missing step has value 0 too)
+    next_values = torch.nn.functional.pad(step_values[:, 1:], (0, 1))
     step_returns = step_rewards + next_values
     advantages = (step_returns - step_values).gather(1, steps) * mask
     returns = step_returns.gather(1, steps) * mask

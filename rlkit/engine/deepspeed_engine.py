@@ -39,9 +39,7 @@ def deepspeed_config(
     }
     if hardware.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    return _deep_merge(
-        config, OmegaConf.to_container(hardware.deepspeed, resolve=True)
-    )  # plain dicts: nested keys merge
+    return _deep_merge(config, OmegaConf.to_container(hardware.deepspeed, resolve=True))  # plain dicts merge by key
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

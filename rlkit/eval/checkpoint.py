@@ -8,7 +8,7 @@ import os
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rlkit.checkpoint import CONFIG_FILE
+from rlkit.checkpoint import CONFIG_FILE, DamagedCheckpoint, verify_checkpoint
 from rlkit.config import ConfigError, typed_config
 from rlkit.engine import init_distributed, is_main_process
 from rlkit.eval.generation import evaluate_model
@@ -34,6 +34,10 @@ def parse_args(args: list[str]) -> tuple[str, str | None, list[str]]:
         raise ConfigError("give checkpoint=PATH (an rlkit checkpoint directory)")
     if not os.path.isfile(os.path.join(checkpoint, CONFIG_FILE)):
         raise ConfigError(f"checkpoint={checkpoint}: not an rlkit checkpoint (no {CONFIG_FILE})")
+    try:
+        verify_checkpoint(checkpoint)
+    except DamagedCheckpoint as damage:
+        raise ConfigError(f"checkpoint={checkpoint} is damaged: {damage}") from None
     return checkpoint, output_dir, overrides
 
 

@@ -109,13 +109,16 @@ def plot(runs: list[dict], path: str) -> None:
 
 def render_markdown(table: dict[str, dict]) -> str:
     lines = [
-        "| run | seeds | steps | held-out accuracy start | final (mean ± std) | gain over the run | wall time (s) | tokens/s | peak RSS (MiB) |",
+        "| run | seeds | steps | held-out accuracy start | final (mean ± std) | gain over the run | wall time (s) "
+        "| tokens/s | peak RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for algo, row in sorted(table.items(), key=lambda item: -item[1]["accuracy_final"]):
         lines.append(
             f"| {algo} | {len(row['seeds'])} | {row['steps']} | {row['accuracy_start']:.3f} | "
-            f"{row['accuracy_final']:.3f} ± {row['accuracy_final_std']:.3f} | {row['accuracy_gain']:+.3f} ± {row['accuracy_gain_std']:.3f} | {row['wall_seconds']:.0f} ± {row['wall_seconds_std']:.0f} | "
+            f"{row['accuracy_final']:.3f} ± {row['accuracy_final_std']:.3f} | "
+            f"{row['accuracy_gain']:+.3f} ± {row['accuracy_gain_std']:.3f} | "
+            f"{row['wall_seconds']:.0f} ± {row['wall_seconds_std']:.0f} | "
             f"{row['tokens_per_s']:.0f} | {row['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n\n![reward curves](compare.png)\n"
@@ -127,7 +130,8 @@ def compare(sweep_dir: str) -> dict[str, dict]:
     incomplete = [r["run_dir"] for r in found if not r["complete"]]
     if not runs:
         raise FileNotFoundError(
-            f"no complete runs (directories with report.json and metrics.jsonl, evaluated at their last step) under {sweep_dir}"
+            "no complete runs (directories with report.json and metrics.jsonl, evaluated at their last step) "
+            f"under {sweep_dir}"
         )
     label_runs(runs)
     table = aggregate(runs)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from rlkit import atomic  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 HEADLINE_KEYS = (
     "accuracy",
@@ -30,8 +35,11 @@ class Report:
         self.evaluations: list[dict] = []
         path = os.path.join(run_dir, "report.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                self.evaluations = json.load(f).get("evaluations", [])
+            try:
+                with open(path, encoding="utf-8") as f:
+                    self.evaluations = json.load(f)["evaluations"]
+            except (ValueError, KeyError, TypeError) as error:  # rlkit writes it atomically: damaged by something else
+                log.warning("%s is unreadable (%s); its earlier evaluations are dropped from the report", path, error)
 
     def truncate_after(self, step: int) -> None:
         """Forget evaluations a resumed run will redo."""
@@ -44,39 +52,44 @@ class Report:
         self.evaluations.sort(key=lambda e: e["step"])
 
     def write(self) -> None:
-        with open(os.path.join(self.run_dir, "report.json"), "w") as f:
-            json.dump({**self.summary, "evaluations": self.evaluations}, f, indent=2)
+        """report.json, the plots and report.md, each replaced atomically."""
+        atomic.write_json(os.path.join(self.run_dir, "report.json"), {**self.summary, "evaluations": self.evaluations})
         plots = write_plots(self.run_dir, self.evaluations)
-        with open(os.path.join(self.run_dir, "report.md"), "w") as f:
-            f.write(render_markdown(self.summary, self.evaluations, plots))
+        atomic.write_text(
+            os.path.join(self.run_dir, "report.md"), render_markdown(self.summary, self.evaluations, plots)
+        )
+
+
+def metric_records(path: str) -> list[tuple[bytes, dict]]:
+    """(line, record) of each readable ``metrics.jsonl`` line; a line cut short by a kill, or
+    otherwise not a JSON object, is left out."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # JSON or UTF-8
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+                records.append((line if line.endswith(b"\n") else line + b"\n", record))
+    return records
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in metric_records(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:
     """Drop ``metrics.jsonl`` records after ``step`` (and any line cut short by a
-    kill), so a resumed run logs each step once."""
+    kill), so a resumed run logs each step once. The file is replaced atomically."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
+    kept = [line for line, record in metric_records(path) if record.get("step", 0) <= step]
+    with atomic.atomic_open(path, "wb") as f:
         f.writelines(kept)
-    os.replace(path + ".tmp", path)
 
 
 def write_plots(run_dir: str, evaluations: list[dict]) -> list[str]:
@@ -119,7 +132,8 @@ def _finish(ax, fig, ylabel: str, path: str) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 

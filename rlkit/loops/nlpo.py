@@ -217,12 +217,9 @@ class NLPOLoop(PolicyGradientLoop):
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
         self.nlpo = self.settings.mask
-        self.mask_model = load_frozen(
-            run, reference_source, self.engine.device
-        )  # the architecture; the weights come next
-        copy_weights(
-            self.engine.module, self.mask_model
-        )  # pi_psi_0 = pi_theta_0 (a resumed run then loads its checkpointed copy)
+        self.mask_model = load_frozen(run, reference_source, self.engine.device)  # the architecture; weights next
+        # pi_psi_0 = pi_theta_0 (a resumed run then loads its checkpointed copy)
+        copy_weights(self.engine.module, self.mask_model)
         self.mask_refreshed_at = 0  # the step after whose update pi_psi was last copied from the policy (0: the start)
         self.processors: list[MaskPolicyProcessor] = []
         self.targets_outside = [0.0, 0.0]  # response tokens whose recomputed mask lacked them, response tokens scored

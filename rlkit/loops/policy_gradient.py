@@ -115,9 +115,8 @@ class PolicyGradientLoop(Loop):
         self.value_source = value_source_cls(self, s.value_source, reference_source)
         self.filter_groups = GROUP_FILTERS.get(s.group_filter.name)
         self.policy_loss_fn = POLICY_LOSSES.get(s.policy_loss.name)
-        self.loss_inputs = optional_inputs(
-            self.policy_loss_fn
-        )  # extra inputs this loss names (reference log-probs, groups)
+        # the extra inputs this loss names (reference log-probs, groups)
+        self.loss_inputs = optional_inputs(self.policy_loss_fn)
         needs_reference = s.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
         self.reference = load_frozen(run, reference_source, self.engine.device) if needs_reference else None
         self.kl_coef = s.kl.coef  # adapted each step when algo.kl.target is set

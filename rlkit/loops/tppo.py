@@ -52,9 +52,8 @@ class InFlight:
     prompt: str
     prompt_ids: list[int]
     tokens: list[int] = field(default_factory=list)  # the response so far
-    shaping: list[float] = field(
-        default_factory=list
-    )  # per-token reward shaping (the KL penalty) of those tokens, as computed when each was trained on
+    # per-token reward shaping (the KL penalty) of those tokens, as computed when each was trained on
+    shaping: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -298,9 +297,8 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         shaping = self.token_rewards(torch.zeros_like(scores), batch)
         batch.token_rewards = self.token_rewards(scores, batch)
         last_values = batch.values.gather(1, (mask.sum(-1) - 1).clamp(min=0)[:, None]).squeeze(1)
-        batch.bootstrap_values = torch.where(
-            window.ended.to(device), torch.zeros_like(last_values), last_values
-        )  # EGAE: V(s_l) ~ V(s_{l-1})
+        # EGAE: V(s_l) ~ V(s_{l-1})
+        batch.bootstrap_values = torch.where(window.ended.to(device), torch.zeros_like(last_values), last_values)
         inputs = AdvantageInputs(
             batch.token_rewards,
             mask,

@@ -5,23 +5,28 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from rlkit.config import ConfigError
 from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
+from rlkit.settings import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def from_pretrained(auto_class, name_or_path: str, **kwargs):
-    """``auto_class.from_pretrained``, where a missing local directory, an unreachable hub id or a
-    setting ``transformers`` rejects (e.g. an unknown attention implementation) is a one-line
-    :class:`ConfigError` instead of a traceback."""
+    """``auto_class.from_pretrained``, where a missing local directory, a file given for a directory,
+    an unreachable hub id, a damaged weights file or a setting ``transformers`` rejects (e.g. an
+    unknown attention implementation) is a one-line :class:`ConfigError` instead of a traceback."""
+    if os.path.isfile(name_or_path):
+        raise ConfigError(
+            f"model path '{name_or_path}' is a file; give the directory that holds config.json and the weights"
+        )
     if name_or_path.startswith((".", "/")) and not os.path.isdir(name_or_path):
         raise ConfigError(f"model directory '{name_or_path}' does not exist")
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ConfigError(f"cannot load '{name_or_path}': {str(error).strip().splitlines()[0]}") from error
 
 

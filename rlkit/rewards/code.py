@@ -1,12 +1,19 @@
-"""Code rewards: a completion's program must pass the row's unit tests, run in the sandbox."""
+"""Code rewards: a completion's program must pass the row's unit tests, run in the sandbox.
+
+With an entry point (HumanEval, and any row that names one) the tests run in a process of their
+own and call the completion's function in another (:mod:`rlkit.rewards.harness`): the verdict is
+the test process's exit status, which a completion cannot forge. A row without an entry point runs
+program and tests in one process and passes when a random marker printed after the tests appears;
+there a hostile completion can forge a pass (e.g. by reading the marker from its own code), so
+give an entry point wherever the tests call one function."""
 
 from __future__ import annotations
 
 import re
 import secrets
 
-from rlkit.rewards.registry import REWARDS
-from rlkit.rewards.sandbox import SandboxLimits, check_sandbox, run_python
+from rlkit.rewards.registry import REWARDS, needs
+from rlkit.rewards.sandbox import SandboxLimits, check_sandbox, run_python, run_tested
 
 _FENCED = re.compile(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 # HumanEval's stop sequences (Chen et al. 2021): a continuation ends where a new top-level block starts.
@@ -34,6 +41,7 @@ def test_program(code_prompt: str, completion: str, tests: str, entry_point: str
 
 
 @REWARDS.register("code_tests")
+@needs(check_sandbox)  # a missing bubblewrap is found before any model is built
 def code_tests_reward(
     prompts: list[str],
     completions: list[str],
@@ -57,7 +65,14 @@ def code_tests_reward(
     for code_prompt, completion, test, entry in zip(
         question, completions, tests, entry_point or [""] * len(completions)
     ):
-        marker = f"all tests passed {secrets.token_hex(8)}"
-        result = run_python(test_program(code_prompt, completion, test, entry, marker), limits)
-        scores.append(float(result.returncode == 0 and marker in result.stdout))
+        scores.append(float(passes(code_prompt, completion, test, entry, limits)))
     return scores
+
+
+def passes(code_prompt: str, completion: str, tests: str, entry_point: str, limits: SandboxLimits) -> bool:
+    if entry_point:
+        program = program_source(code_prompt, completion, entry_point)
+        return run_tested(program, code_prompt, tests, entry_point, limits).returncode == 0
+    marker = f"all tests passed {secrets.token_hex(8)}"
+    result = run_python(test_program(code_prompt, completion, tests, entry_point, marker), limits)
+    return result.returncode == 0 and marker in result.stdout

@@ -37,6 +37,17 @@ def resolve_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
+def needs(check: Callable[[], None]):
+    """Mark a reward function with what it needs of this machine: ``check`` raises (one line)
+    when it is missing. A run calls it when it builds the reward, before any model."""
+
+    def mark(fn: RewardFn) -> RewardFn:
+        fn.preflight = check
+        return fn
+
+    return mark
+
+
 @dataclass
 class RewardTermFn:
     name: str
@@ -46,7 +57,15 @@ class RewardTermFn:
         0  # > 0: score each sample in its own call, this many at a time on threads (rewards that wait on subprocesses)
     )
     timeout: float | None = None  # with workers: seconds one sample may take; later ones count as failures
-    failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None/NaN
+    failure_value: float = 0.0  # the score of a sample whose reward raised, timed out or returned None, NaN or +-inf
+
+    def __post_init__(self):
+        check = getattr(getattr(self.fn, "func", self.fn), "preflight", None)  # through functools.partial (args)
+        if check is not None:
+            try:
+                check()
+            except Exception as error:  # noqa: BLE001  (whatever the check raises: this machine cannot run it)
+                raise ConfigError(f"reward '{self.name}' cannot run here: {error}") from None
 
     def __call__(self, prompts: list[str], completions: list[str], **fields: list[Any]) -> list[float | None]:
         """Call with the row fields the function accepts (all of them if it takes ``**kwargs``);
@@ -100,7 +119,7 @@ class CompositeReward:
         self, prompts: list[str], completions: list[str], **row_fields: list[Any]
     ) -> tuple[list[float], dict[str, list[float]]]:
         """Returns (total per sample, {term name: scores per sample}). A sample whose term
-        failed (raised, timed out, gave None or NaN) scores the term's ``failure_value``;
+        failed (raised, timed out, gave None, NaN or +-inf) scores the term's ``failure_value``;
         failures are logged and counted in :attr:`failures`."""
         per_term = {}
         for term in self.terms:
@@ -109,17 +128,16 @@ class CompositeReward:
                 raise ValueError(
                     f"reward '{term.name}' returned {len(scores)} scores for {len(completions)} completions"
                 )
-            failed = [s is None or math.isnan(s) for s in scores]
+            failed = [s is None or not math.isfinite(s) for s in scores]
             if any(failed):
                 self.failures[term.name] += sum(failed)
-                first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "None or NaN returned"
                 log.warning(
                     "reward '%s' failed on %d of %d samples, scored %s (first: %s)",
                     term.name,
                     sum(failed),
                     len(scores),
                     term.failure_value,
-                    first,
+                    first_failure(scores, errors),
                 )
             per_term[term.name] = [term.failure_value if bad else float(s) for s, bad in zip(scores, failed)]
         totals = [sum(t.weight * per_term[t.name][i] for t in self.terms) for i in range(len(completions))]
@@ -130,6 +148,12 @@ class CompositeReward:
         counts = {term.name: self.failures[term.name] for term in self.terms}
         self.failures.clear()
         return counts
+
+
+def first_failure(scores: list[float | None], errors: list[BaseException]) -> str:
+    if errors:
+        return f"{type(errors[0]).__name__}: {errors[0]}"
+    return next(f"returned {s}" for s in scores if s is None or not math.isfinite(s))
 
 
 def build_reward(reward_cfg) -> CompositeReward:
@@ -166,8 +190,8 @@ def check_reward_term(key: str, term) -> None:
         raise ConfigError(f"{key}.{unknown[0]}: unknown key; valid: {', '.join(REWARD_TERM_KEYS)}")
     if not isinstance(term.get("fn"), str):
         raise ConfigError(f"{key}.fn is required: a registered reward name or 'package.module:function'")
-    if not isinstance(term.get("weight", 1.0), (int, float)):
-        raise ConfigError(f"{key}.weight={term.get('weight')!r} must be a number")
+    if not isinstance(term.get("weight", 1.0), (int, float)) or not math.isfinite(term.get("weight", 1.0)):
+        raise ConfigError(f"{key}.weight={term.get('weight')!r} must be a finite number")
     if not hasattr(term.get("args", {}), "keys"):
         raise ConfigError(f"{key}.args must be a mapping of keyword arguments")
     workers = term.get("workers", 0)
@@ -178,5 +202,6 @@ def check_reward_term(key: str, term) -> None:
         raise ConfigError(
             f"{key}.timeout={timeout!r} must be a positive number of seconds, and needs {key}.workers >= 1"
         )
-    if not isinstance(term.get("failure_value", 0.0), (int, float)):
-        raise ConfigError(f"{key}.failure_value={term.get('failure_value')!r} must be a number")
+    failure_value = term.get("failure_value", 0.0)
+    if not isinstance(failure_value, (int, float)) or not math.isfinite(failure_value):
+        raise ConfigError(f"{key}.failure_value={failure_value!r} must be a finite number")

@@ -16,19 +16,36 @@ lists what is and is not guaranteed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import os
 import shutil
 import subprocess
 import tempfile
 import time
+from pathlib import Path
+
+from rlkit.rewards import harness
+
+HARNESS_SOURCE = Path(harness.__file__).read_text()
 
 LAUNCHER = """
 import resource, sys
 for name, value in {limits!r}:
     resource.setrlimit(getattr(resource, name), (value, value))
 exec(compile(sys.stdin.read(), "solution.py", "exec"), {{"__name__": "__main__"}})
+"""
+# One side of the two-process test harness (rlkit/rewards/harness.py, whose source comes with the payload).
+HARNESS_LAUNCHER = """
+import json, resource, sys
+for name, value in {limits!r}:
+    resource.setrlimit(getattr(resource, name), (value, value))
+payload = json.loads(sys.stdin.read())
+harness = {{"__name__": "rlkit_harness"}}
+exec(compile(payload.pop("harness"), "harness.py", "exec"), harness)
+harness["main"](payload)
 """
 
 
@@ -82,7 +99,7 @@ def sandbox_interpreter() -> str:
     raise SandboxUnavailable("no python3 under /usr/bin or /usr/local/bin for the sandbox")
 
 
-def bwrap_command(limits: SandboxLimits) -> list[str]:
+def bwrap_command(limits: SandboxLimits, launcher: str = LAUNCHER) -> list[str]:
     bwrap = shutil.which("bwrap")
     if not bwrap:
         raise SandboxUnavailable("bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
@@ -124,35 +141,98 @@ def bwrap_command(limits: SandboxLimits) -> list[str]:
         "-I",
         "-S",
         "-c",
-        LAUNCHER.format(limits=limits.rlimits()),
+        launcher.format(limits=limits.rlimits()),
     ]
+
+
+def start_sandbox(
+    limits: SandboxLimits, launcher: str, stdin: bytes, stdout, stderr, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen:
+    """One sandboxed interpreter running ``launcher``, fed ``stdin`` (then closed)."""
+    as_root = os.geteuid() == 0
+    process = subprocess.Popen(
+        bwrap_command(limits, launcher),
+        stdin=subprocess.PIPE,
+        stdout=stdout,
+        stderr=stderr,
+        env={},
+        pass_fds=pass_fds,
+        start_new_session=True,
+        user=limits.uid if as_root else None,
+        group=limits.uid if as_root else None,
+        extra_groups=[] if as_root else None,
+    )
+    with contextlib.suppress(BrokenPipeError):  # a process that exits before reading its input
+        process.stdin.write(stdin)
+        process.stdin.close()
+    return process
+
+
+def wait_or_kill(process: subprocess.Popen, deadline: float) -> int | None:
+    """The exit status, or None if it was still running at ``deadline`` (then killed: bwrap's
+    PID-namespace init dies with it, --die-with-parent, and with it every process inside)."""
+    try:
+        return process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
 
 
 def run_python(source: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
     """Run ``source`` as a Python program in a fresh sandbox. Whatever the program does
     (crash, hang, fork bomb, huge allocation or output) comes back as a result; the
     output goes to files capped by RLIMIT_FSIZE, never into the caller's memory."""
-    as_root = os.geteuid() == 0
     started = time.perf_counter()
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            bwrap_command(limits),
-            stdin=subprocess.PIPE,
-            stdout=stdout,
-            stderr=stderr,
-            env={},
-            start_new_session=True,
-            user=limits.uid if as_root else None,
-            group=limits.uid if as_root else None,
-            extra_groups=[] if as_root else None,
+        process = start_sandbox(limits, LAUNCHER, source.encode(), stdout, stderr)
+        returncode = wait_or_kill(process, time.monotonic() + limits.wall_seconds)
+        return SandboxResult(
+            returncode,
+            read_head(stdout, limits.output_bytes),
+            read_head(stderr, limits.output_bytes),
+            time.perf_counter() - started,
         )
+
+
+def run_tested(
+    program: str, prompt: str, tests: str, entry_point: str, limits: SandboxLimits = SandboxLimits()
+) -> SandboxResult:
+    """Run the row's ``tests`` against ``entry_point`` of ``program`` in two sandboxes joined by
+    two pipes (see :mod:`rlkit.rewards.harness`); the result is the tester's: exit status 0
+    means every test passed. Both are killed after ``limits.wall_seconds``."""
+    started = time.perf_counter()
+    calls_read, calls_write = os.pipe()
+    results_read, results_write = os.pipe()
+    common = {"harness": HARNESS_SOURCE, "entry_point": entry_point}
+    solver_payload = {**common, "role": "solver", "program": program, "calls": calls_read, "results": results_write}
+    tester_payload = {**common, "role": "tester", "prompt": prompt, "tests": tests}
+    tester_payload.update(calls=calls_write, results=results_read)
+    deadline = time.monotonic() + limits.wall_seconds
+    with contextlib.ExitStack() as stack:
+        stdout, stderr = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
         try:
-            process.communicate(source.encode(), timeout=limits.wall_seconds)
-            returncode = process.returncode
-        except subprocess.TimeoutExpired:
-            process.kill()  # bwrap's PID-namespace init dies with it (--die-with-parent), and with it every process inside
-            process.wait()
-            returncode = None
+            solver = start_sandbox(
+                limits,
+                HARNESS_LAUNCHER,
+                json.dumps(solver_payload).encode(),
+                subprocess.DEVNULL,
+                subprocess.DEVNULL,
+                (calls_read, results_write),
+            )
+            stack.callback(wait_or_kill, solver, 0.0)  # the solver ends with the tester
+            tester = start_sandbox(
+                limits,
+                HARNESS_LAUNCHER,
+                json.dumps(tester_payload).encode(),
+                stdout,
+                stderr,
+                (calls_write, results_read),
+            )
+        finally:
+            for fd in (calls_read, calls_write, results_read, results_write):
+                os.close(fd)
+        returncode = wait_or_kill(tester, deadline)
         return SandboxResult(
             returncode,
             read_head(stdout, limits.output_bytes),

@@ -27,7 +27,8 @@ def rouge_f(prediction: str, reference: str) -> dict[str, float]:
 def rouge_reward(
     prompts: list[str], completions: list[str], reference: list[str], *, rouge_type: str = "rougeL"
 ) -> list[float]:
-    """ROUGE F-measure (``rouge1``, ``rouge2`` or ``rougeL``) of each completion against the row's ``reference``, in [0, 1]."""
+    """ROUGE F-measure (``rouge1``, ``rouge2`` or ``rougeL``) of each completion against the row's
+    ``reference``, in [0, 1]."""
     if rouge_type not in ROUGE_TYPES:
         raise ValueError(f"rouge_type='{rouge_type}': use one of {', '.join(ROUGE_TYPES)}")
     return [rouge_f(c, r)[rouge_type] for c, r in zip(completions, reference)]
@@ -35,7 +36,8 @@ def rouge_reward(
 
 @REWARDS.register("bleu")
 def bleu_reward(prompts: list[str], completions: list[str], reference: list[str]) -> list[float]:
-    """Sentence BLEU (sacrebleu, exponential smoothing) of each completion against the row's ``reference``, in [0, 1]."""
+    """Sentence BLEU (sacrebleu, exponential smoothing) of each completion against the row's
+    ``reference``, in [0, 1]."""
     from sacrebleu.metrics import BLEU
 
     bleu = BLEU(effective_order=True)

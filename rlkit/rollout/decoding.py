@@ -189,9 +189,8 @@ def attend(
     rows, kv_heads, capacity, head_dim = kv.key_buffer.shape
     qkv = products.qkv(hidden).view(rows, -1, head_dim)  # query heads, then key heads, then value heads
     query_heads = qkv.shape[1] - 2 * kv_heads
-    rotated = torch.addcmul(
-        qkv[:, :-kv_heads] * cos, qkv[:, :-kv_heads].roll(head_dim // 2, -1), signed_sin
-    )  # queries and keys at once
+    # queries and keys at once
+    rotated = torch.addcmul(qkv[:, :-kv_heads] * cos, qkv[:, :-kv_heads].roll(head_dim // 2, -1), signed_sin)
     kv.update(rotated[:, query_heads:, None], qkv[:, -kv_heads:, None])
     keys, values = (buffer.view(rows * kv_heads, capacity, head_dim) for buffer in (kv.key_buffer, kv.value_buffer))
     # the query heads that share a key head (grouped-query attention) form one batch entry

@@ -160,9 +160,10 @@ def sample(
     was_training = model.training
     model.eval()
     sharded = is_sharded(model)
-    per_row = lambda value: (
-        torch.as_tensor(value, device=prompt_ids.device).expand(len(prompt_ids)).repeat_interleave(num_samples)
-    )  # noqa: E731
+
+    def per_row(value):
+        return torch.as_tensor(value, device=prompt_ids.device).expand(len(prompt_ids)).repeat_interleave(num_samples)
+
     cap, floor = per_row(max_new_tokens), per_row(min_new_tokens)
     if not share_prompt:
         prompt_ids, prompt_mask = (

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlkit.errors import RunError
 from rlkit.models.value_head import VALUE_HEAD
 from rlkit.settings import ConfigError, Settings
 
@@ -51,8 +52,8 @@ ENGINE_DTYPES = ("float32", "bfloat16", "float16")
 CPU_KV_CACHE_GIB = 1.0  # on a CPU, gpu_memory_utilization would reserve that share of the machine's RAM
 
 
-class WeightSyncError(RuntimeError):
-    """The engine did not take the trainer's weights: a stalled or failed sync."""
+class WeightSyncError(RunError):
+    """The engine did not take the trainer's weights: a stalled or failed sync (the run cannot go on)."""
 
 
 @dataclass

@@ -11,8 +11,8 @@ import random
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.math import answer_key
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.registry import Registry
+from rlkit.settings import ConfigError
 
 TASKS: Registry[type[Task]] = Registry("task")
 
@@ -45,36 +47,72 @@ class Task:
 
     def split(self, split: str) -> datasets.Dataset:
         rows = self.load_split(split)
+        if len(rows) == 0:
+            raise ConfigError(f"task {self.cfg.name}: the {split} split has no usable rows (task.path={self.cfg.path})")
         if split == "train" and self.cfg.max_train_rows:
             rows = rows.select(range(min(self.cfg.max_train_rows, len(rows))))
+        user_message(rows[0], self.cfg)  # a template naming a column the rows lack fails now, not at the first rollout
         return rows
 
 
 def parse_options(options_cls: type, values: dict[str, Any]):
-    """Build a task's options dataclass, rejecting unknown keys with the valid ones."""
-    known = {f.name for f in dataclasses.fields(options_cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(f"task.options.{key}: unknown option; valid: {', '.join(sorted(known)) or '(none)'}")
+    """Build a task's options dataclass, rejecting unknown keys (listing the valid ones) and values
+    of the wrong type (``task.options`` is untyped in the schema, so Hydra cannot)."""
+    hints = typing.get_type_hints(options_cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"task.options.{key}: unknown option; valid: {', '.join(sorted(hints)) or '(none)'}")
+        if not matches(value, hints[key]):
+            raise ConfigError(f"task.options.{key}={value!r} must be {describe_type(hints[key])}")
     return options_cls(**dict(values))
+
+
+def type_options(annotation) -> tuple:
+    """The types a value of ``annotation`` may have (``X | None`` gives both)."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+def matches(value: Any, annotation) -> bool:
+    """A config value of the annotated type; bools are not numbers, ints are floats."""
+    allowed = type_options(annotation)
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, tuple(t for t in allowed if isinstance(t, type)))
+
+
+def describe_type(annotation) -> str:
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+    return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in type_options(annotation))
 
 
 def build_task(task_cfg) -> Task:
     return TASKS.get(task_cfg.name)(task_cfg)
 
 
-def format_prompt(row: dict[str, Any], task_cfg, tokenizer) -> str:
-    """The text the policy continues: the task's template, wrapped in the
-    tokenizer's chat template when it has one (and ``use_chat_template`` is on)."""
+def user_message(row: dict[str, Any], task_cfg) -> str:
+    """``task.prompt_template`` filled with the row's columns."""
     try:
-        user_message = task_cfg.prompt_template.format(**row)
+        return task_cfg.prompt_template.format(**row)
     except KeyError as error:
         raise ConfigError(
             f"task.prompt_template refers to {error}, which rows of task '{task_cfg.name}' lack; columns: {', '.join(row)}"
         ) from None
+    except (IndexError, ValueError) as error:
+        raise ConfigError(
+            f"task.prompt_template={task_cfg.prompt_template!r} is not a valid template ({error}); "
+            "name columns in braces, e.g. '{question}', and write a literal brace as '{{' or '}}'"
+        ) from None
+
+
+def format_prompt(row: dict[str, Any], task_cfg, tokenizer) -> str:
+    """The text the policy continues: the task's template, wrapped in the
+    tokenizer's chat template when it has one (and ``use_chat_template`` is on)."""
+    message = user_message(row, task_cfg)
     if not (task_cfg.use_chat_template and getattr(tokenizer, "chat_template", None)):
-        return user_message
-    messages = [{"role": "user", "content": user_message}]
+        return message
+    messages = [{"role": "user", "content": message}]
     if task_cfg.system_prompt:
         messages.insert(0, {"role": "system", "content": task_cfg.system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

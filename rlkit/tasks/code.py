@@ -15,9 +15,9 @@ import dataclasses
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import SourceOptions, load_split
+from rlkit.tasks.sources import OPTIONAL_TEXT, TEXT, SourceOptions, load_split
 
 
 @TASKS.register("humaneval")
@@ -35,7 +35,7 @@ class CodeTask(Task):
                 f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a directory or a hub id"
             )
         o = self.options
-        rows = load_split(self.cfg.path, split, o)
+        rows = load_split(self.cfg.path, split, o, CODE_FIELDS, missing_tests)
         if not (
             {"prompt", "test", "entry_point"} <= set(rows.column_names) or {"prompt", "tests"} <= set(rows.column_names)
         ):
@@ -47,6 +47,17 @@ class CodeTask(Task):
 
 
 TASKS.register("code")(CodeTask)
+
+CODE_FIELDS = {
+    "prompt": TEXT,
+    **dict.fromkeys(("test", "tests", "entry_point", "canonical_solution", "solution"), OPTIONAL_TEXT),
+}
+
+
+def missing_tests(row: dict) -> str | None:
+    if row.get("tests") or (row.get("test") and row.get("entry_point")):
+        return None
+    return "rows need prompt, test and entry_point (HumanEval) or prompt and tests; this one has none of the tests"
 
 
 def code_row(row: dict) -> dict:

@@ -13,10 +13,10 @@ import dataclasses
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.math_equivalence import last_boxed
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import SourceOptions, load_split
+from rlkit.tasks.sources import TEXT, Field, SourceOptions, load_split
 
 
 @TASKS.register("math")
@@ -28,7 +28,9 @@ class MathTask(Task):
     def load_split(self, split: str) -> datasets.Dataset:
         o = self.options
         path = self.cfg.path or "DigitalLearningGmbH/MATH-lighteval"
-        rows = load_split(path, split, o)
+        rows = load_split(
+            path, split, o, {"problem": TEXT, "solution": TEXT, "answer": Field((str, int, float), required=False)}
+        )
         missing = {"problem", "solution"} - set(rows.column_names)
         if missing:
             raise ConfigError(

@@ -12,10 +12,10 @@ import os
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.math import answer_key, extract_answer
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import read_json
+from rlkit.tasks.sources import TEXT, read_json
 
 
 @TASKS.register("gsm8k")
@@ -32,7 +32,7 @@ class GSM8KTask(Task):
                 raise ConfigError(
                     f"task.path='{path}': no {split}.jsonl there (GSM8K wants train.jsonl and test.jsonl)"
                 )
-            raw = read_json(file)
+            raw = read_json(file, {"question": TEXT, "answer": TEXT})
         elif os.path.exists(path) or path.startswith((".", "/")):
             raise ConfigError(f"task.path='{path}' must be a directory with train.jsonl and test.jsonl, or a hub id")
         else:

@@ -3,9 +3,12 @@
 Every row has ``question`` (the prompt), ``responses`` (best first), ``scores``
 (descending), ``chosen`` / ``rejected`` (the best and the worst response), and
 ``solution`` = ``chosen`` (so ``algo=sft`` and the warm start train on the preferred
-side) and an empty ``answer``. Malformed rows (a missing field, an empty response,
+side) and an empty ``answer``. Rows that cannot be used (a missing field, an empty response,
 chosen == rejected, ...) are counted by reason, logged and reported; they never crash
-a run. Evaluation is on held-out pairs (:mod:`rlkit.eval.pairs`).
+a run. A file that is not JSON Lines (an empty file, a cut-short gzip stream, bytes that are not
+UTF-8, a line that is not a JSON object, a field of the wrong type) is a one-line error naming
+the file, line and field (:mod:`rlkit.tasks.sources`). Evaluation is on held-out pairs
+(:mod:`rlkit.eval.pairs`).
 
 ``task.path``: a hub id, a local ``.jsonl`` / ``.jsonl.gz`` file, or a directory with
 ``train`` and ``test`` files. ``task.options.test_fraction`` carves a seeded held-out
@@ -17,20 +20,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import gzip
-import json
 import logging
 import os
 import random
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
+from rlkit.tasks.sources import OPTIONAL_TEXT, Field, check_rows, read_records
 
 log = logging.getLogger(__name__)
 
 HH_ASSISTANT = "\n\nAssistant:"
+# Types of the fields a preference row may have; a missing one makes the row unusable (skipped).
+PREFERENCE_FIELDS = {
+    **dict.fromkeys(("prompt", "chosen", "rejected"), OPTIONAL_TEXT),
+    **{name: Field((list,), required=False) for name in ("responses", "scores")},
+}
 
 
 class Malformed(ValueError):
@@ -215,15 +222,6 @@ def _text(raw: dict, key: str) -> str:
     return value
 
 
-def _read_jsonl(files: list[str]) -> list:
-    """The lines of JSONL files (gzipped or not) as objects; an unreadable line as None."""
-    rows = []
-    for file in files:
-        with (gzip.open if file.endswith(".gz") else open)(file, "rt", encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        rows.append(None)
-    return rows
+def _read_jsonl(files: list[str]) -> list[dict]:
+    """The rows of JSONL files (gzipped or not), checked as :mod:`rlkit.tasks.sources` does."""
+    return [row for file in files for row in check_rows(file, read_records(file), PREFERENCE_FIELDS)]

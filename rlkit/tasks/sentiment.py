@@ -15,9 +15,9 @@ import re
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import SourceOptions, held_out, load_split
+from rlkit.tasks.sources import TEXT, SourceOptions, held_out, load_split, read_text_lines
 
 
 @TASKS.register("sentiment")
@@ -33,18 +33,16 @@ class SentimentTask(Task):
         source = pathlib.Path(path)
         if source.is_file() and source.suffix == ".txt":
             rows = held_out(
-                datasets.Dataset.from_dict(
-                    {"text": [line for line in source.read_text().splitlines() if line.strip()]}
-                ),
+                datasets.Dataset.from_dict({"text": read_text_lines(path)}),
                 split,
                 o.test_size,
                 o.seed,
             )
         elif source.is_dir() and any(source.rglob("*.txt")):
-            texts = [file.read_text() for file in sorted(source.rglob("*.txt"))]
+            texts = ["\n".join(read_text_lines(str(file))) for file in sorted(source.rglob("*.txt"))]
             rows = held_out(datasets.Dataset.from_dict({"text": texts}), split, o.test_size, o.seed)
         else:
-            rows = load_split(path, split, o)
+            rows = load_split(path, split, o, {"text": TEXT})
         if "text" not in rows.column_names:
             raise ConfigError(f"task.path='{path}': rows need a 'text' field (the review)")
         rows = rows.map(

@@ -15,9 +15,9 @@ import re
 
 import datasets
 
-from rlkit.config import ConfigError
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import SourceOptions, load_split
+from rlkit.tasks.sources import OPTIONAL_TEXT, TEXT, SourceOptions, load_split
 
 NAMES = ["ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal", "ida", "jo", "kim", "lu"]
 CITIES = ["oslo", "rome", "lima", "kyiv", "pune"]
@@ -67,7 +67,9 @@ class SQLTask(Task):
                 synthetic_problem(rng, o.num_people) for _ in range(o.test_size if split == "test" else o.train_size)
             ]
             return datasets.Dataset.from_list([sql_row(r) for r in rows])
-        rows = load_split(self.cfg.path, split, o)
+        rows = load_split(
+            self.cfg.path, split, o, {"question": TEXT, "db": TEXT, "query": TEXT, "schema": OPTIONAL_TEXT}
+        )
         missing = {"question", "db", "query"} - set(rows.column_names)
         if missing:
             raise ConfigError(

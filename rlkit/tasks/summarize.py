@@ -11,10 +11,10 @@ import dataclasses
 
 import datasets
 
-from rlkit.config import ConfigError
 from rlkit.rewards.text import reference_metrics
+from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import SourceOptions, load_split
+from rlkit.tasks.sources import TEXT, SourceOptions, load_split
 
 
 @TASKS.register("summarize")
@@ -27,7 +27,7 @@ class SummarizeTask(Task):
     def load_split(self, split: str) -> datasets.Dataset:
         o = self.options
         path = self.cfg.path or "EdinburghNLP/xsum"
-        rows = load_split(path, split, o)
+        rows = load_split(path, split, o, {o.document_field: TEXT, o.summary_field: TEXT})
         missing = {o.document_field, o.summary_field} - set(rows.column_names)
         if missing:
             raise ConfigError(
