@@ -328,6 +328,7 @@ def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
         "hardware.fused_optimizer=true",
         f"seed={SEED}",
         "resume=never",
+        "trainer.allow_nonempty_dir=true",  # the run dir already holds this repeat's log.txt
         "run_name=bench",
         f"hydra.run.dir={run_dir}",
         *extra,

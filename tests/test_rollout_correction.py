@@ -131,6 +131,7 @@ def injected_run(tmp_path: Path, compose_config, monkeypatch, name: str, shift, 
             "trainer.max_steps=1", "trainer.eval_every=0", "model.warmstart.steps=0", "eval.num_examples=4"
         ),
     )
+    (tmp_path / name).mkdir()  # as Hydra makes it
     train(cfg, str(tmp_path / name))
     lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "reward/mean" in r]

@@ -11,7 +11,7 @@ Weights reach the engine through vLLM's ``reload_weights`` fed straight from the
 tensors (no files): the engine repacks them into its kernel layout, so this works on CPU,
 where assigning to vLLM's parameters does not (its linear weights are prepacked). The sync is
 bounded by ``sync_timeout_s`` and ends with :class:`WeightSyncError` instead of hanging. A
-peft LoRA policy is either served as a LoRA adapter (``max_lora_rank`` > 0) or synced as
+LoRA policy (a peft model, or rlkit's adapters injected in place) is either served as a LoRA adapter (``max_lora_rank`` > 0) or synced as
 merged weights ``W + (alpha/r) B A``, computed without touching the trainer's weights.
 
 The engine needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here): in-process, the sync hands
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from rlkit.errors import RunError
+from rlkit.models.lora import has_lora, save_adapter
 from rlkit.models.value_head import VALUE_HEAD
 from rlkit.settings import ConfigError, Settings
 
@@ -70,7 +71,7 @@ class VllmEngineSettings(Settings):
     sync_timeout_s: float = 300.0  # a weight sync taking longer ends the run with WeightSyncError instead of hanging
     sleep_mode: bool = False  # GPU: free the engine's weights and KV cache while the trainer updates (not run yet)
     tensor_parallel_size: int = 1  # GPU only (not run yet)
-    max_lora_rank: int = 0  # > 0: serve a peft policy's adapter as a vLLM LoRA; 0: sync merged weights
+    max_lora_rank: int = 0  # > 0: serve a LoRA policy's adapter as a vLLM LoRA; 0: sync merged weights
 
     def check(self) -> None:
         self.require(
@@ -225,18 +226,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_peft(model: torch.nn.Module) -> bool:
+    """A ``PeftModel`` wrapping the policy (``get_peft_model``)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """A LoRA policy: a ``PeftModel``, or adapters injected in place (rlkit/models/lora.py)."""
+    return is_peft(model) or has_lora(model)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM itself: inside a ``PeftModel``, or the model (its adapters, if any, in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 @torch.no_grad()
-def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, torch.Tensor]]:
+def merged_weights(lora_model, with_adapters: bool = True) -> list[tuple[str, torch.Tensor]]:
     """The base model's checkpoint-named weights with each LoRA layer's active adapters folded
     in (W + scaling * B A, peft's ``get_delta_weight``), leaving the trainer's weights as
     they are: no merge/unmerge round trip, whose float rounding would drift the base.
     ``with_adapters=False``: the base weights alone."""
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
+    base = base_model(lora_model)
     deltas: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if with_adapters and isinstance(module, LoraLayer) and not module.merged:
@@ -246,7 +258,7 @@ def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, to
                     key = f"{name}.weight"
                     deltas[key] = deltas[key] + delta if key in deltas else delta
     weights = []
-    for key, tensor in base.state_dict().items():
+    for key, tensor in checkpoint_weights(base):
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
@@ -264,7 +276,7 @@ def write_engine_dir(model, tokenizer, directory: str) -> str:
     """A model directory an engine can start from with ``dummy_weights``: the config and the
     tokenizer, no weights (they come by :meth:`VllmEngine.load_weights`)."""
     model = unwrap(model)
-    config = model.get_base_model().config if is_peft(model) else model.config
+    config = base_model(model).config
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -408,20 +420,20 @@ class VllmEngine:
     def load_weights(self, model: torch.nn.Module) -> float:
         """Make the engine sample from ``model``'s current weights; the seconds it took.
 
-        A peft model goes in as a LoRA adapter when the engine serves them (``max_lora_rank``),
-        else as merged weights. Raises WeightSyncError on a stall past ``sync_timeout_s`` or on
+        A LoRA policy (a peft model, or rlkit's adapters injected in place) goes in as a LoRA
+        adapter when the engine serves them (``max_lora_rank``), else as merged weights. Raises WeightSyncError on a stall past ``sync_timeout_s`` or on
         layers the engine did not take (it would silently keep their old weights).
         """
         self.check_usable()
         model = unwrap(model)
         start = time.perf_counter()
-        if is_peft(model) and self.settings.max_lora_rank > 0:
+        if has_adapters(model) and self.settings.max_lora_rank > 0:
             if not self.has_base_weights:  # frozen under LoRA: once is enough
                 self.reload(merged_weights(model, with_adapters=False))
                 self.has_base_weights = True
             self.load_adapter(model)
         else:
-            self.reload(merged_weights(model) if is_peft(model) else checkpoint_weights(model))
+            self.reload(merged_weights(model) if has_adapters(model) else checkpoint_weights(model))
         self.sync_seconds = time.perf_counter() - start
         return self.sync_seconds
 
@@ -440,7 +452,7 @@ class VllmEngine:
         if self.sleep_level:
             self.wake_up()
 
-    def load_adapter(self, peft_model) -> None:
+    def load_adapter(self, lora_model) -> None:
         """Save the adapter into a scratch directory and switch to it under a new LoRA id (vLLM
         caches adapters by id, so reusing one would keep serving the old weights)."""
         from vllm.lora.request import LoRARequest
@@ -450,7 +462,10 @@ class VllmEngine:
         previous = self.lora_request
         adapter_id = 1 if previous is None else previous.lora_int_id + 1
         path = os.path.join(self.adapter_dir, str(adapter_id))
-        peft_model.save_pretrained(path)
+        if is_peft(lora_model):
+            lora_model.save_pretrained(path)
+        else:
+            save_adapter(lora_model, path)
         request = LoRARequest(f"policy-{adapter_id}", adapter_id, path)
 
         def sync() -> None:
