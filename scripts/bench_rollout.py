@@ -96,17 +96,32 @@ def perturb(model, step: int) -> None:
             parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 1e-3)
 
 
+def work_dir(size: str, args) -> dict:
+    """bench_trl's seeded model, prompts and data for ``size``; or, for ``size`` a model directory
+    (e.g. SmolLM2-135M converted by rlkit/models/gguf.py), that model on the 25m job's prompts and
+    data, its own tokenizer counting their tokens."""
+    if size in SIZES:
+        return {**make_work_dir(size, args.out), "prompts": os.path.join(args.out, size, "prompts.jsonl")}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(size)).parameters())
+    job = make_work_dir("25m", args.out)
+    return {**job, "model_dir": size, "params": params, "prompts": os.path.join(args.out, "25m", "prompts.jsonl")}
+
+
+def label(size: str) -> str:
+    return size if size in SIZES else os.path.basename(size.rstrip("/"))
+
+
 def bench_size(size: str, args) -> dict:
     from transformers import AutoTokenizer
 
     from rlkit.rollout.vllm_engine import VllmEngine, VllmEngineSettings
 
-    work = make_work_dir(size, args.out)
+    work = work_dir(size, args)
     tokenizer = AutoTokenizer.from_pretrained(work["model_dir"])
-    prompts = [
-        tokenizer(row["prompt"], add_special_tokens=False).input_ids
-        for row in read_jsonl(os.path.join(args.out, size, "prompts.jsonl"))
-    ]
+    prompts = [tokenizer(row["prompt"], add_special_tokens=False).input_ids for row in read_jsonl(work["prompts"])]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     model = load_trainer_model(work["model_dir"], args.dtype)
     settings = VllmEngineSettings(
@@ -130,9 +145,9 @@ def bench_size(size: str, args) -> dict:
         syncs.append(timed(lambda: engine.load_weights(model))[0])
     engine.close()
     return {
-        "size": size,
+        "size": label(size),
         "params": work["params"],
-        "arch": work["arch"],
+        "prompt_tokens": [len(p) for p in prompts],
         "vllm_import_s": import_seconds,
         "engine_start_s": engine.start_seconds,
         "sync_s": syncs,
@@ -147,7 +162,7 @@ ENGINE_START = re.compile(r"rollout=vllm: engine started in ([0-9.]+) s")
 
 def train_run(size: str, rollout: str, repeat: int, work: dict, args, env: dict) -> dict:
     """One ``rlkit train rollout=<rollout>`` of bench_trl's GRPO job in its own process: its timed steps."""
-    run_dir = os.path.join(args.out, "runs", size, f"{rollout}_{repeat}")
+    run_dir = os.path.join(args.out, "runs", label(size), f"{rollout}_{repeat}")
     os.makedirs(run_dir, exist_ok=True)
     job = SimpleNamespace(warmup=args.train_warmup, steps=args.train_steps, dtype=args.dtype)
     extra = [f"rollout={rollout}"] + ([f"rollout.kv_cache_gib={args.kv_cache_gib}"] if rollout == "vllm" else [])
@@ -162,7 +177,7 @@ def train_run(size: str, rollout: str, repeat: int, work: dict, args, env: dict)
     ]
     started = ENGINE_START.search(open(log_path).read())
     print(
-        f"  {size} rollout={rollout} repeat {repeat}: median {statistics.median(s['step_s'] for s in steps):.3f} s/step"
+        f"  {label(size)} rollout={rollout} repeat {repeat}: median {statistics.median(s['step_s'] for s in steps):.3f} s/step"
     )
     return {
         "steps": steps,
@@ -174,7 +189,7 @@ def train_run(size: str, rollout: str, repeat: int, work: dict, args, env: dict)
 
 def bench_train(size: str, args) -> dict:
     """``rollout=hf`` and ``rollout=vllm`` runs of the same job, alternating which goes first."""
-    work = make_work_dir(size, args.out)
+    work = work_dir(size, args)
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -192,7 +207,7 @@ def bench_train(size: str, args) -> dict:
     for repeat in range(args.repeats):
         for rollout in ("hf", "vllm") if repeat % 2 == 0 else ("vllm", "hf"):
             runs[rollout].append(train_run(size, rollout, repeat, work, args, env))
-    return {"size": size, "params": work["params"], "runs": runs}
+    return {"size": label(size), "params": work["params"], "runs": runs}
 
 
 def spread(values: list[float]) -> str:
@@ -251,7 +266,11 @@ def summary(results: list[dict], args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="25m", help=f"comma-separated, of {','.join(SIZES)}")
+    parser.add_argument(
+        "--sizes",
+        default="25m",
+        help=f"comma-separated, of {','.join(SIZES)} or model directories (e.g. SmolLM2-135M's)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import subprocess
 import sys
 import time
@@ -126,6 +127,21 @@ def test_lora_policy_reaches_the_engine_through_the_backend(max_lora_rank):
             assert (engine - trainer_sequence_log_probs(policy, SEQUENCE)).abs().max() > 1e-3
     finally:
         backend.close()
+
+
+@needs_vllm
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.tiny.hidden_size=32"], "model.tiny.num_heads=4: head dimension 8 .* supports \\(32, 64,"),
+        (["rollout.max_model_len=1000"], "rollout.max_model_len=1000 is over the model's max_position_embeddings=512"),
+        (["rollout.max_model_len=64", "task.max_new_tokens=64"], "rollout.max_model_len=64 leaves no room"),
+        (["hardware.zero_stage=3"], "hardware.zero_stage=3: rollout=vllm syncs whole weights"),
+    ],
+)
+def test_what_the_engine_cannot_serve_is_refused_in_one_line(config_error, overrides, message):
+    error = config_error("rollout=vllm", *overrides)
+    assert error is not None and "\n" not in error and re.search(message, error), error
 
 
 def vllm_run_overrides(*changes: str) -> list[str]:

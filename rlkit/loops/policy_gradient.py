@@ -52,9 +52,7 @@ class PolicyGradientSettings(LoopSettings):
     policy_loss: Any = MISSING  # policy loss (algo/policy_loss=...)
     value_source: Any = MISSING  # value source (algo/value_source=none | critic | value_head | monte_carlo | greedy)
     group_filter: Any = MISSING  # what happens to sampled groups before training (algo/group_filter=none | dynamic)
-    rollout_correction: Any = (
-        MISSING  # training-inference mismatch correction (algo/rollout_correction=none | tis | mask)
-    )
+    rollout_correction: Any = MISSING  # engine-trainer mismatch correction (algo/rollout_correction=none | tis | mask)
 
     def check(self) -> None:
         self.require_at_least_one("group_size", "update_epochs", "minibatches")

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -120,28 +121,7 @@ class VllmRollout:
             raise ConfigError(
                 "hardware.zero_stage=3: rollout=vllm syncs whole weights from every process; use ZeRO stage 0-2"
             )
-        shape = model_shape(cfg)
-        if shape is None:
-            return
-        head_dim, positions, key = shape
-        longest = cfg.rollout.max_model_len or positions
-        if cfg.rollout.max_model_len and cfg.rollout.max_model_len > positions:
-            raise ConfigError(
-                f"rollout.max_model_len={cfg.rollout.max_model_len} is over the model's max_position_embeddings={positions}"
-            )
-        if longest <= cfg.task.max_new_tokens:
-            raise ConfigError(
-                f"rollout.max_model_len={longest} leaves no room for a prompt before task.max_new_tokens={cfg.task.max_new_tokens}"
-            )
-        if cfg.hardware.device == "cpu":
-            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-            supported = CPUAttentionBackend.get_supported_head_sizes()
-            if head_dim not in supported:
-                raise ConfigError(
-                    f"{key}: head dimension {head_dim} (hidden_size / num_attention_heads) is not one vLLM's CPU "
-                    f"attention supports ({', '.join(map(str, supported))}); use rollout=hf or such a model"
-                )
+        check_model_fits(cfg)
 
     def __init__(self, settings: VllmEngineSettings, *, model, tokenizer, sampling):
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
@@ -212,6 +192,31 @@ class VllmRollout:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def check_model_fits(cfg) -> None:
+    """The policy's shape (:func:`model_shape`) fits the engine: ``rollout.max_model_len`` within the
+    model's positions and above ``task.max_new_tokens``; on a CPU, a head size vLLM's attention has."""
+    shape = model_shape(cfg)
+    if shape is None:
+        return
+    head_dim, positions, key = shape
+    length = cfg.rollout.max_model_len or positions
+    if length > positions:
+        raise ConfigError(f"rollout.max_model_len={length} is over the model's max_position_embeddings={positions}")
+    if length <= cfg.task.max_new_tokens:
+        raise ConfigError(
+            f"rollout.max_model_len={length} leaves no room for a prompt before task.max_new_tokens={cfg.task.max_new_tokens}"
+        )
+    if cfg.hardware.device == "cpu":
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in supported:
+            raise ConfigError(
+                f"{key}: head dimension {head_dim} (hidden_size / num_attention_heads) is not one vLLM's CPU "
+                f"attention supports ({', '.join(map(str, supported))}); use rollout=hf or such a model"
+            )
+
+
 def model_shape(cfg) -> tuple[int, int, str] | None:
     """(head dimension, max_position_embeddings, the key that sets the head) of the policy, from
     the config alone: the tiny model's architecture or a local model directory's config.json
@@ -226,6 +231,6 @@ def model_shape(cfg) -> tuple[int, int, str] | None:
     path = os.path.join(cfg.model.name_or_path, "config.json")
     if not os.path.isfile(path):
         return None
-    config = json.loads(open(path).read())
+    config = json.loads(Path(path).read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return head_dim, config.get("max_position_embeddings", 2**31), f"model.name_or_path={cfg.model.name_or_path}"
