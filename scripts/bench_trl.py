@@ -69,7 +69,9 @@ def make_work_dir(size: str, work: str) -> dict:
     from rlkit.models.tiny import build_tiny_model
     from rlkit.tasks.arith import ArithTask
 
-    arith = ArithTask(OmegaConf.create({"name": "arith", "options": {}, "max_train_rows": None})).split("train")
+    arith = ArithTask(
+        OmegaConf.create({"name": "arith", "options": {}, "max_train_rows": None, "prompt_template": "{question}"})
+    ).split("train")
     corpus = (
         f"{row['question']}\n{row['solution']}" for row in arith.select(range(5000))
     )  # as `rlkit train` builds it
