@@ -35,8 +35,13 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2, at_once: bool = False) -> None:
+    """Exit ``code`` with a one-line error; ``at_once``: without running exit handlers (a stuck
+    engine's threads and libraries then cannot hold the process or print after the message)."""
     print(f"rlkit: error: {message}", file=sys.stderr)
+    if at_once:
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -50,6 +55,7 @@ def _train_job(cfg) -> float:
     from rlkit.eval.report import Report
     from rlkit.launch import finished, launch, needs_launch
     from rlkit.preemption import EXIT_PREEMPTED, Preempted, requeue_and_exit_code
+    from rlkit.rollout.vllm_engine import WeightSyncError
     from rlkit.run_dir import check_output_dir
     from rlkit.trainer import train
     from rlkit.validate import validate
@@ -68,6 +74,8 @@ def _train_job(cfg) -> float:
             report = train(cfg, run_dir)
     except (ConfigError, OmegaConfBaseException) as error:
         fail(str(error).splitlines()[0])
+    except WeightSyncError as error:  # a stuck engine: its threads must not hold the process
+        fail(str(error).splitlines()[0], code=1, at_once=True)
     except RunError as error:
         fail(str(error).splitlines()[0], code=1)
     except Preempted as stop:

@@ -85,6 +85,7 @@ def train(cfg, run_dir: str) -> Report:
         run_loop(run, loop, logger, report, start_step, run_id, watch)
     finally:
         logger.finish()
+        loop.close()
     if is_main_process() and report.evaluations:
         first, last = report.evaluations[0], report.evaluations[-1]
         print(

@@ -10,9 +10,11 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.algos.policy_losses import POLICY_LOSSES, optional_inputs
+from rlkit.loops import LOOPS
 from rlkit.registry import GROUPS
 from rlkit.rewards import resolve_reward_fn
 from rlkit.rewards.registry import check_reward_term
+from rlkit.rollout.backends import ROLLOUTS
 from rlkit.settings import ConfigError, check_settings
 from rlkit.tasks import TASKS
 from rlkit.tasks.base import parse_options
@@ -30,6 +32,7 @@ def validate(cfg, world_size: int = 1) -> None:
     parse_options(TASKS.get(cfg.task.name).Options, cfg.task.options)  # unknown task.options keys, before data loads
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
+    check_rollout(cfg)
     check_rewards(cfg)
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
@@ -91,6 +94,19 @@ def check_loop_and_task(cfg) -> None:
         raise ConfigError(
             f"algo.loop={loop} needs a preference task (task=hh, preference or ranking), not task={cfg.task.name}"
         )
+
+
+def check_rollout(cfg) -> None:
+    """The rollout backend can serve the loop (a loop that reshapes the sampling distribution needs a
+    backend that applies logits processors) and the run (the backend's own checks: vLLM installed,
+    model shape)."""
+    backend = ROLLOUTS.get(cfg.rollout.name)
+    if getattr(LOOPS.get(cfg.algo.loop), "reshapes_sampling", False) and not backend.supports_logits_processor:
+        raise ConfigError(
+            f"rollout={cfg.rollout.name}: algo={cfg.algo.name} samples from a reshaped distribution (a logits "
+            "processor), which only rollout=hf applies"
+        )
+    backend.check_config(cfg)
 
 
 def check_rewards(cfg) -> None:

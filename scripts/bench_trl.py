@@ -69,7 +69,9 @@ def make_work_dir(size: str, work: str) -> dict:
     from rlkit.models.tiny import build_tiny_model
     from rlkit.tasks.arith import ArithTask
 
-    arith = ArithTask(OmegaConf.create({"name": "arith", "options": {}, "max_train_rows": None})).split("train")
+    arith = ArithTask(
+        OmegaConf.create({"name": "arith", "options": {}, "max_train_rows": None, "prompt_template": "{question}"})
+    ).split("train")
     corpus = (
         f"{row['question']}\n{row['solution']}" for row in arith.select(range(5000))
     )  # as `rlkit train` builds it
@@ -328,6 +330,7 @@ def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
         "hardware.fused_optimizer=true",
         f"seed={SEED}",
         "resume=never",
+        "trainer.allow_nonempty_dir=true",  # the run dir already holds this repeat's log.txt
         "run_name=bench",
         f"hydra.run.dir={run_dir}",
         *extra,

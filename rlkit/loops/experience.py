@@ -37,6 +37,8 @@ class Experience:
     token_rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    token_weights: torch.Tensor | None = None  # on the policy-gradient loss per token (a rollout correction)
+    kept: torch.Tensor | None = None  # (B,) False: the response is left out of the update (a rollout correction)
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -217,6 +217,8 @@ class MaskPolicyProcessor:
 
 @LOOPS.register("nlpo", NLPOSettings)
 class NLPOLoop(PolicyGradientLoop):
+    reshapes_sampling = True  # the mask policy's processor (rollout=hf only)
+
     def __init__(self, run, model, reference_source: str):
         super().__init__(run, model, reference_source)
         self.nlpo = self.settings.mask

@@ -2,9 +2,10 @@
 
 One step is a sequence of stages over one :class:`~rlkit.loops.experience.Experience` batch:
 
-    sample (rollout backend) -> reward -> group filter -> log-probs -> values -> advantages -> update
+    sample (rollout backend) -> reward -> group filter -> log-probs -> rollout correction -> values
+    -> advantages -> update -> weight sync (the rollout backend takes the updated weights)
 
-Which backend, filter, value source, estimator, loss, aggregation and KL are used is config
+Which backend, filter, correction, value source, estimator, loss, aggregation and KL are used is config
 (each a registered component with its own settings); this file never branches on an algorithm.
 Loops that change a stage (T-PPO's windows, NLPO's masked action space) subclass this one and
 override that stage.
@@ -23,6 +24,7 @@ from rlkit.algos.kl import KLSettings, adaptive_kl_coef
 from rlkit.algos.masked import explained_variance, group_stats, masked_mean
 from rlkit.algos.policy_losses import optional_inputs
 from rlkit.algos.reward_norm import RunningMoments, batch_moments, normalise_scores
+from rlkit.algos.rollout_correction import ROLLOUT_CORRECTIONS, mismatch_terms
 from rlkit.engine import all_gather_objects, all_reduce_sum
 from rlkit.loops.experience import Experience
 from rlkit.loops.group_filters import GROUP_FILTERS
@@ -50,6 +52,7 @@ class PolicyGradientSettings(LoopSettings):
     policy_loss: Any = MISSING  # policy loss (algo/policy_loss=...)
     value_source: Any = MISSING  # value source (algo/value_source=none | critic | value_head | monte_carlo | greedy)
     group_filter: Any = MISSING  # what happens to sampled groups before training (algo/group_filter=none | dynamic)
+    rollout_correction: Any = MISSING  # engine-trainer mismatch correction (algo/rollout_correction=none | tis | mask)
 
     def check(self) -> None:
         self.require_at_least_one("group_size", "update_epochs", "minibatches")
@@ -81,10 +84,18 @@ class PolicyGradientSettings(LoopSettings):
             "reward_norm",
             "Monte-Carlo values are in raw reward units, so the scores must be too: reward_norm=none, reward_clip=0",
         )
+        self.require(
+            self.rollout_correction.name != "mask" or self.sampling.top_p == 1,
+            "rollout_correction",
+            "the sequence ratio would also count top-p's renormalisation (about top_p per token, the trainer scores the "
+            "whole distribution), dropping most responses: use algo.sampling.top_p=1 or algo/rollout_correction=tis",
+        )
 
 
 @LOOPS.register("policy_gradient", PolicyGradientSettings)
 class PolicyGradientLoop(Loop):
+    reshapes_sampling = False  # rollout_logits_processor reshapes the sampling distribution (needs rollout=hf)
+
     def __init__(self, run, model, reference_source: str):
         super().__init__(run)
         s = self.settings
@@ -110,11 +121,15 @@ class PolicyGradientLoop(Loop):
         self.reward_moments = RunningMoments()
         self.advantage_fn = ADVANTAGE_ESTIMATORS.get(s.advantage.name)
         self.kl_fn = KL_ESTIMATORS.get(s.kl.estimator)
+        self.correct = ROLLOUT_CORRECTIONS.get(s.rollout_correction.name)
+        # behaviour log-probs from another engine (or a correction asked for) are compared with the trainer's
+        self.compares_behaviour = self.rollout.own_weights or s.rollout_correction.name != "none"
         self.needs_old_log_probs = (
             s.update_epochs > 1
             or s.minibatches > 1
             or s.kl.target is not None
             or (self.reference is not None and s.kl.placement == "reward")
+            or self.compares_behaviour
         )
 
     def minibatch_size_global(self) -> int:
@@ -126,11 +141,13 @@ class PolicyGradientLoop(Loop):
         batch, metrics = self.collect(timer)
         with timer.phase("log_probs"):
             self.score_tokens(batch)
+            metrics.update(self.correct_rollout(batch))
         metrics.update(self.value_source.estimate(batch, timer))
         with timer.phase("advantages"):
             self.estimate_advantages(batch)
         with timer.phase("update"):
             metrics.update(PolicyUpdate(self, batch).run(train_policy=self.value_source.trains_policy(step)))
+        self.sync_rollout(timer)
         metrics.update(self.after_update(step, timer))
         metrics.update(self.control_kl(batch))
         metrics.update(batch_metrics(batch))
@@ -180,6 +197,18 @@ class PolicyGradientLoop(Loop):
             batch.old_log_probs = self.score(self.engine, batch.rollout)
         if self.reference is not None:
             batch.ref_log_probs = self.score(self.reference, batch.rollout)
+
+    def correct_rollout(self, batch: Experience) -> dict[str, float]:
+        """Where the behaviour log-probs come from another engine (or a correction is asked for): log
+        how far they are from the trainer's (``rollout/mismatch_*``) and let the rollout correction
+        weight tokens or drop responses for the update (``batch.token_weights``, ``batch.kept``)."""
+        behaviour = batch.rollout.log_probs
+        if not self.compares_behaviour or behaviour is None:
+            return {}
+        mask = batch.response_mask
+        correction = self.correct(batch.old_log_probs, behaviour, mask, self.settings.rollout_correction)
+        batch.token_weights, batch.kept = correction.token_weights, correction.kept
+        return {**mismatch_metrics(batch.old_log_probs, behaviour, mask), **correction_metrics(correction.stats, mask)}
 
     def estimate_advantages(self, batch: Experience) -> None:
         scores = self.normalised_scores(torch.tensor(batch.scores, dtype=torch.float32, device=self.engine.device))
@@ -298,6 +327,36 @@ def batch_metrics(batch: Experience) -> dict[str, float]:
     if batch.values is not None:
         metrics["critic/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
     metrics["tokens"] = all_reduce_sum(float(batch.rollout.attention_mask.sum()))
+    return metrics
+
+
+def mismatch_metrics(trainer_log_probs, behaviour_log_probs, mask) -> dict[str, float]:
+    """Over all processes' response tokens: the k3 estimate of KL(pi_b || pi_old) per token and the
+    extreme ratios pi_old / pi_b (rlkit.algos.rollout_correction.mismatch_terms)."""
+    terms = mismatch_terms(trainer_log_probs, behaviour_log_probs, mask)
+    ratios = terms["ratio"][mask.bool()]
+    local = {
+        "kl": float(terms["kl"].sum()),
+        "tokens": float(mask.sum()),
+        "max": float(ratios.max()) if len(ratios) else 1.0,
+        "min": float(ratios.min()) if len(ratios) else 1.0,
+    }
+    gathered = all_gather_objects(local)
+    return {
+        "rollout/mismatch_kl": sum(g["kl"] for g in gathered) / max(sum(g["tokens"] for g in gathered), 1.0),
+        "rollout/mismatch_max_ratio": max(g["max"] for g in gathered),
+        "rollout/mismatch_min_ratio": min(g["min"] for g in gathered),
+    }
+
+
+def correction_metrics(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
+    """``rollout_correction/<stat>`` over all processes: (B, T) stats averaged over response tokens, (B,) over responses."""
+    metrics = {}
+    for name, value in stats.items():
+        per_token = value.dim() == 2
+        total = all_reduce_sum(float((value * mask).sum() if per_token else value.sum()))
+        count = all_reduce_sum(float(mask.sum() if per_token else len(value)))
+        metrics[f"rollout_correction/{name}"] = total / max(count, 1.0)
     return metrics
 
 

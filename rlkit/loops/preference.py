@@ -121,6 +121,7 @@ class PreferenceLoop(Loop):
             grad_norm = optimizer_step(
                 self.engine, split_micro_batches(len(rows), self.engine.gradient_accumulation_steps()), loss_fn
             )
+        self.sync_rollout(timer)
         metrics.update({key: all_reduce_sum(value) / max(num_sets, 1) for key, value in sorted(sums.items())})
         metrics.update(
             {

@@ -65,6 +65,7 @@ class Loop:
     """Subclasses build ``self.engine`` and implement :meth:`step`."""
 
     engine = None
+    rollout = None  # the rollout backend of a loop that samples (rlkit/rollout/backends.py)
     supervised = False  # the learning rate defaults to model.sft_lr instead of model.lr
 
     def __init__(self, run):
@@ -75,6 +76,17 @@ class Loop:
     def step(self, step: int, timer) -> tuple[dict[str, float], list[dict]]:
         """One optimizer iteration: (metrics, sample rows for the completions table)."""
         raise NotImplementedError
+
+    def sync_rollout(self, timer) -> None:
+        """After the update stage: the rollout backend takes the updated weights (``time/weight_sync``)."""
+        if self.rollout is not None:
+            with timer.phase("weight_sync"):
+                self.rollout.sync_weights()
+
+    def close(self) -> None:
+        """At the end of the run: free what the rollout backend holds (an inference engine's memory)."""
+        if self.rollout is not None:
+            self.rollout.close()
 
     def optim(self) -> OptimSettings:
         """``algo.optim`` with the learning rate resolved (null: the model preset's)."""

@@ -125,6 +125,7 @@ class ResponsePool:
             response_ids=ids.masked_fill(mask == 0, self.pad_token_id),
             response_mask=mask,
             truncated=~eos,
+            log_probs=sampled.log_probs,
         )
         return Window(rollout, slots, ended, eos)
 
@@ -216,6 +217,7 @@ class TruncatedPPOLoop(PolicyGradientLoop):
         )
         with timer.phase("log_probs"):
             self.score_tokens(batch)
+            metrics.update(self.correct_rollout(batch))
         with timer.phase("values"):
             batch.values = self.value_source.values(batch.rollout)
         with timer.phase("advantages"):
@@ -226,6 +228,7 @@ class TruncatedPPOLoop(PolicyGradientLoop):
             )
             retired = self.pool.retire(window, shaping)
             metrics.update(self.train_value_model(retired, ended_scores, batch.rollout))
+        self.sync_rollout(timer)
         metrics.update(self.control_kl(batch))
         metrics.update(self.window_metrics(window, retired, batch, ended))
         metrics["advantages/abs_mean"] = float(masked_mean(batch.advantages.abs(), batch.response_mask))

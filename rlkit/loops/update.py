@@ -35,6 +35,8 @@ class PolicyUpdate:
         self.stats = UpdateStats()
         self.objective = 0.0  # summed over micro-batches and ranks: each minibatch's policy loss, however it is split
         self.group_index = batch.group_index.to(batch.response_mask.device)
+        # the response tokens the policy trains on: a rollout correction may leave responses out
+        self.mask = batch.response_mask if batch.kept is None else batch.response_mask * batch.kept[:, None]
         s, reference = self.settings, loop.reference
         # whole groups stay in one micro-batch where the minibatches allow: they share one prompt pass
         # (pairwise losses need them)
@@ -85,8 +87,9 @@ class PolicyUpdate:
 
     def counts(self, minibatch: torch.Tensor) -> tuple[float, float, int]:
         """The minibatch's global token and sequence counts and the length cap: the aggregation's normalisers."""
-        mask = self.batch.response_mask[minibatch]
-        return all_reduce_sum(float(mask.sum())), len(minibatch) * world_size(), self.loop.run.max_new_tokens
+        kept = self.batch.kept
+        sequences = len(minibatch) * world_size() if kept is None else all_reduce_sum(float(kept[minibatch].sum()))
+        return all_reduce_sum(float(self.mask[minibatch].sum())), sequences, self.loop.run.max_new_tokens
 
     def engine_loss(self, index: torch.Tensor, counts, train_policy: bool):
         loss = self.policy_loss(index, counts) if train_policy else 0.0
@@ -97,7 +100,7 @@ class PolicyUpdate:
     def policy_loss(self, index: torch.Tensor, counts) -> torch.Tensor:
         """The aggregated policy loss of rows ``index``, with the KL and entropy terms."""
         loop, batch, s = self.loop, self.batch, self.settings
-        mask = batch.response_mask[index]
+        mask = self.mask[index]
         log_prob, entropy = loop.log_probs(
             loop.engine, batch.rollout, index, with_entropy=True, entropy_grad=s.entropy_coef != 0
         )
@@ -105,6 +108,8 @@ class PolicyUpdate:
         inputs = {"ref_log_prob": batch.ref_log_probs, "group_index": self.group_index}
         extras = {name: inputs[name][index] for name in loop.loss_inputs}
         loss, stats = loop.policy_loss_fn(log_prob, old, batch.advantages[index], mask, s.policy_loss, **extras)
+        if batch.token_weights is not None:  # a rollout correction's importance weights
+            loss = loss * batch.token_weights[index]
         self.objective += float(aggregate_loss(loss.detach(), mask, s.loss_agg, *counts))  # this micro-batch's share
         if batch.ref_log_probs is not None:
             kl = loop.kl_fn(log_prob, batch.ref_log_probs[index])
@@ -124,7 +129,7 @@ class PolicyUpdate:
         skipped. The loss keeps its global normalisation, so the update is unchanged.
         Each micro-batch keeps at least one row (DeepSpeed steps every micro-batch)."""
         num_micro_batches = self.loop.engine.gradient_accumulation_steps()
-        active = ((self.batch.advantages[rows] * self.batch.response_mask[rows]) != 0).any(-1)
+        active = ((self.batch.advantages[rows] * self.mask[rows]) != 0).any(-1)
         kept = torch.cat([rows[active], rows[~active][: max(0, num_micro_batches - int(active.sum()))]])
         return [kept[part] for part in split_micro_batches(len(kept), num_micro_batches)]
 

@@ -11,7 +11,7 @@ Weights reach the engine through vLLM's ``reload_weights`` fed straight from the
 tensors (no files): the engine repacks them into its kernel layout, so this works on CPU,
 where assigning to vLLM's parameters does not (its linear weights are prepacked). The sync is
 bounded by ``sync_timeout_s`` and ends with :class:`WeightSyncError` instead of hanging. A
-peft LoRA policy is either served as a LoRA adapter (``max_lora_rank`` > 0) or synced as
+LoRA policy (a peft model, or rlkit's adapters injected in place) is either served as a LoRA adapter (``max_lora_rank`` > 0) or synced as
 merged weights ``W + (alpha/r) B A``, computed without touching the trainer's weights.
 
 The engine needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here): in-process, the sync hands
@@ -38,7 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlkit.settings import ConfigError
+from rlkit.errors import RunError
+from rlkit.models.lora import has_lora, save_adapter
+from rlkit.models.value_head import VALUE_HEAD
+from rlkit.settings import ConfigError, Settings
 
 INSTALL_HINT = (
     "rollout=vllm needs vLLM: on a GPU `pip install -e '.[vllm]'`; on a CPU-only machine run "
@@ -46,26 +49,48 @@ INSTALL_HINT = (
 )
 # vLLM's LoRA kernels are built for these maximum ranks only
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ENGINE_DTYPES = ("float32", "bfloat16", "float16")
+CPU_KV_CACHE_GIB = 1.0  # on a CPU, gpu_memory_utilization would reserve that share of the machine's RAM
 
 
-class WeightSyncError(RuntimeError):
-    """The engine did not take the trainer's weights: a stalled or failed sync."""
+class WeightSyncError(RunError):
+    """The engine did not take the trainer's weights: a stalled or failed sync (the run cannot go on)."""
 
 
 @dataclass
-class VllmEngineSettings:
-    """What the engine is started with (sampling settings are per call)."""
+class VllmEngineSettings(Settings):
+    """``rollout=vllm``: what the engine is started with (sampling settings are the loop's, per call)."""
 
-    dtype: str = "float32"  # the engine's weights and activations; vLLM's "auto" follows the checkpoint
-    max_model_len: int = 1024  # prompt + response tokens per sequence
-    gpu_memory_utilization: float = 0.3  # fraction of GPU memory (on CPU: of RAM) vLLM may take
-    kv_cache_gib: float | None = None  # an explicit KV-cache size instead of gpu_memory_utilization's share
+    dtype: str | None = None  # the engine's weights and activations: float32 | bfloat16 | float16; null: the trainer's
+    max_model_len: int | None = None  # prompt + response tokens per sequence; null: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.3  # GPU: the fraction of its memory vLLM may take (weights + KV cache)
+    kv_cache_gib: float | None = (
+        None  # the KV cache's size; null: gpu_memory_utilization's share on a GPU, 1 GiB on a CPU
+    )
     enforce_eager: bool = True  # False compiles the model (about 90 s at start-up on a CPU)
-    sync_timeout_s: float = 300.0  # a weight sync taking longer ends the run with WeightSyncError
-    sleep_mode: bool = False  # GPU: free the engine's weights and KV cache while the trainer updates
-    tensor_parallel_size: int = 1  # GPU only
-    max_lora_rank: int = 0  # > 0: serve a peft policy's adapter as a vLLM LoRA; 0: sync merged weights
-    seed: int = 0
+    sync_timeout_s: float = 300.0  # a weight sync taking longer ends the run with WeightSyncError instead of hanging
+    sleep_mode: bool = False  # GPU: free the engine's weights and KV cache while the trainer updates (not run yet)
+    tensor_parallel_size: int = 1  # GPU only (not run yet)
+    max_lora_rank: int = 0  # > 0: serve a LoRA policy's adapter as a vLLM LoRA; 0: sync merged weights
+
+    def check(self) -> None:
+        self.require(
+            self.dtype is None or self.dtype in ENGINE_DTYPES,
+            "dtype",
+            f"must be one of: {', '.join(ENGINE_DTYPES)} (or null: the trainer's)",
+        )
+        self.require(
+            self.max_model_len is None or self.max_model_len > 0,
+            "max_model_len",
+            "must be positive (or null: the model's limit)",
+        )
+        self.require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        self.require(self.kv_cache_gib is None or self.kv_cache_gib > 0, "kv_cache_gib", "must be positive (or null)")
+        self.require_positive("sync_timeout_s")
+        self.require_at_least_one("tensor_parallel_size")
+        self.require(
+            0 <= self.max_lora_rank <= VLLM_LORA_RANKS[-1], "max_lora_rank", f"must be in [0, {VLLM_LORA_RANKS[-1]}]"
+        )
 
 
 @dataclass
@@ -187,7 +212,7 @@ def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> object
     worker.join(timeout_s)
     if worker.is_alive():
         raise WeightSyncError(
-            f"vLLM {what} did not finish within {timeout_s:g} s (rollout sync_timeout_s): the engine is stuck; "
+            f"vLLM {what} did not finish within {timeout_s:g} s (rollout.sync_timeout_s): the engine is stuck; "
             "stopping instead of training on stale weights"
         )
     if "error" in outcome:
@@ -201,18 +226,29 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_peft(model: torch.nn.Module) -> bool:
+    """A ``PeftModel`` wrapping the policy (``get_peft_model``)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """A LoRA policy: a ``PeftModel``, or adapters injected in place (rlkit/models/lora.py)."""
+    return is_peft(model) or has_lora(model)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM itself: inside a ``PeftModel``, or the model (its adapters, if any, in place)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 @torch.no_grad()
-def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, torch.Tensor]]:
+def merged_weights(lora_model, with_adapters: bool = True) -> list[tuple[str, torch.Tensor]]:
     """The base model's checkpoint-named weights with each LoRA layer's active adapters folded
     in (W + scaling * B A, peft's ``get_delta_weight``), leaving the trainer's weights as
     they are: no merge/unmerge round trip, whose float rounding would drift the base.
     ``with_adapters=False``: the base weights alone."""
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
+    base = base_model(lora_model)
     deltas: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
         if with_adapters and isinstance(module, LoraLayer) and not module.merged:
@@ -222,7 +258,7 @@ def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, to
                     key = f"{name}.weight"
                     deltas[key] = deltas[key] + delta if key in deltas else delta
     weights = []
-    for key, tensor in base.state_dict().items():
+    for key, tensor in checkpoint_weights(base):
         if "lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
@@ -230,11 +266,17 @@ def merged_weights(peft_model, with_adapters: bool = True) -> list[tuple[str, to
     return weights
 
 
+def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The causal LM's own weights by checkpoint name: without a value head rlkit attached to the
+    policy (``algo/value_source=value_head``), which the engine's model does not have."""
+    return [(key, tensor) for key, tensor in model.state_dict().items() if not key.startswith(f"{VALUE_HEAD}.")]
+
+
 def write_engine_dir(model, tokenizer, directory: str) -> str:
     """A model directory an engine can start from with ``dummy_weights``: the config and the
     tokenizer, no weights (they come by :meth:`VllmEngine.load_weights`)."""
     model = unwrap(model)
-    config = model.get_base_model().config if is_peft(model) else model.config
+    config = base_model(model).config
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
@@ -256,34 +298,40 @@ class VllmEngine:
         eos_token_id: int,
         pad_token_id: int,
         dummy_weights: bool = False,
+        seed: int = 0,
     ):
         vllm = import_vllm()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
+        kv_cache_gib = settings.kv_cache_gib
         if on_cpu():
             check_model_shape(model_dir)
             if settings.sleep_mode or settings.tensor_parallel_size != 1:
-                raise ConfigError("vLLM's sleep_mode and tensor_parallel_size > 1 need a GPU; set them off on CPU")
+                raise ConfigError(
+                    "rollout.sleep_mode and rollout.tensor_parallel_size > 1 need a GPU; set them off on a CPU"
+                )
+            kv_cache_gib = kv_cache_gib or CPU_KV_CACHE_GIB
         options = dict(
             model=model_dir,
-            dtype=settings.dtype,
+            dtype=settings.dtype or "float32",  # rlkit's default precision where no trainer says otherwise
             max_model_len=settings.max_model_len,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
-            seed=settings.seed,
+            seed=seed,
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=settings.tensor_parallel_size,
             enable_sleep_mode=settings.sleep_mode,
             load_format="dummy" if dummy_weights else "auto",
         )
-        if settings.kv_cache_gib is not None:
-            options["kv_cache_memory_bytes"] = int(settings.kv_cache_gib * 2**30)
+        if kv_cache_gib is not None:
+            options["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
         if settings.max_lora_rank > 0:
             options.update(enable_lora=True, max_loras=1, max_lora_rank=supported_lora_rank(settings.max_lora_rank))
         start = time.perf_counter()
         with preserved_process_state():
             self.llm = vllm.LLM(**options)
         self.start_seconds = time.perf_counter() - start
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         # vLLM shuts the engine down when it is garbage-collected, destroying torch.distributed's
         # default group, which the trainer may be using: only close() shuts it down, keeping it
         finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
@@ -322,10 +370,10 @@ class VllmEngine:
             self.wake_up()
         caps, floors = per_prompt(max_new_tokens, len(prompt_ids)), per_prompt(min_new_tokens, len(prompt_ids))
         longest = max(len(p) + cap for p, cap in zip(prompt_ids, caps))
-        if longest > self.settings.max_model_len:
+        if longest > self.max_model_len:
             raise ConfigError(
-                f"a prompt plus its max_new_tokens is {longest} tokens, over the engine's "
-                f"max_model_len={self.settings.max_model_len}; raise max_model_len"
+                f"rollout.max_model_len={self.max_model_len}: a prompt plus its response budget is {longest} tokens; "
+                "raise it (up to the model's max_position_embeddings) or shorten task.max_new_tokens"
             )
         params = [
             SamplingParams(
@@ -372,21 +420,20 @@ class VllmEngine:
     def load_weights(self, model: torch.nn.Module) -> float:
         """Make the engine sample from ``model``'s current weights; the seconds it took.
 
-        A peft model goes in as a LoRA adapter when the engine serves them (``max_lora_rank``),
-        else as merged weights. Raises WeightSyncError on a stall past ``sync_timeout_s`` or on
+        A LoRA policy (a peft model, or rlkit's adapters injected in place) goes in as a LoRA
+        adapter when the engine serves them (``max_lora_rank``), else as merged weights. Raises WeightSyncError on a stall past ``sync_timeout_s`` or on
         layers the engine did not take (it would silently keep their old weights).
         """
         self.check_usable()
         model = unwrap(model)
         start = time.perf_counter()
-        if is_peft(model) and self.settings.max_lora_rank > 0:
+        if has_adapters(model) and self.settings.max_lora_rank > 0:
             if not self.has_base_weights:  # frozen under LoRA: once is enough
                 self.reload(merged_weights(model, with_adapters=False))
                 self.has_base_weights = True
             self.load_adapter(model)
         else:
-            weights = merged_weights(model) if is_peft(model) else list(model.state_dict().items())
-            self.reload(weights)
+            self.reload(merged_weights(model) if has_adapters(model) else checkpoint_weights(model))
         self.sync_seconds = time.perf_counter() - start
         return self.sync_seconds
 
@@ -405,7 +452,7 @@ class VllmEngine:
         if self.sleep_level:
             self.wake_up()
 
-    def load_adapter(self, peft_model) -> None:
+    def load_adapter(self, lora_model) -> None:
         """Save the adapter into a scratch directory and switch to it under a new LoRA id (vLLM
         caches adapters by id, so reusing one would keep serving the old weights)."""
         from vllm.lora.request import LoRARequest
@@ -415,7 +462,10 @@ class VllmEngine:
         previous = self.lora_request
         adapter_id = 1 if previous is None else previous.lora_int_id + 1
         path = os.path.join(self.adapter_dir, str(adapter_id))
-        peft_model.save_pretrained(path)
+        if is_peft(lora_model):
+            lora_model.save_pretrained(path)
+        else:
+            save_adapter(lora_model, path)
         request = LoRARequest(f"policy-{adapter_id}", adapter_id, path)
 
         def sync() -> None:
@@ -456,8 +506,9 @@ class VllmEngine:
         """Shut the engine down and free its memory (weights, KV cache). vLLM's shutdown ends by
         tearing down the process's distributed state: torch.distributed's default group, which
         the trainer shares, and vLLM's own groups, which any other engine in the process uses.
-        That last step is skipped."""
-        if self.llm is not None:
+        That last step is skipped. A stuck engine (a stalled sync still running) is left as it is:
+        shutting it down could wait on the stall."""
+        if self.llm is not None and not self.stuck:
             import vllm.v1.engine.core as engine_core
 
             teardown = engine_core.cleanup_dist_env_and_memory
