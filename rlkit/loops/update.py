@@ -86,7 +86,7 @@ class PolicyUpdate:
     def counts(self, minibatch: torch.Tensor) -> tuple[float, float, int]:
         """The minibatch's global token and sequence counts and the length cap: the aggregation's normalisers."""
         mask = self.batch.response_mask[minibatch]
-        return all_reduce_sum(float(mask.sum())), len(minibatch) * world_size(), self.loop.run.max_new_tokens
+        return all_reduce_sum(float(mask.sum())), len(minibatch) * world_size(), self.loop.horizon
 
     def engine_loss(self, index: torch.Tensor, counts, train_policy: bool):
         loss = self.policy_loss(index, counts) if train_policy else 0.0
