@@ -207,6 +207,7 @@ class EvalConfig(Checked):
 class RootConfig:
     algo: Any = MISSING  # typed by the preset's loop (rlkit/loops/registry.py LoopSettings and its subclasses)
     rollout: Any = MISSING  # typed by the rollout backend (rlkit/rollout/backends.py)
+    env: Any = None  # an environment task's environment (rlkit/envs), chosen by its task preset; typed by it
     model: ModelConfig = MISSING
     reward: RewardConfig = MISSING
     task: TaskConfig = MISSING
@@ -222,6 +223,7 @@ class RootConfig:
 def register_schema() -> None:
     """Store the root schema and every component's settings (importing the registries fills
     their config groups) in Hydra's config store."""
+    import rlkit.envs  # noqa: F401  (the env group)
     import rlkit.loops  # noqa: F401  (loops, value sources, group filters, and through them every algorithm registry)
     import rlkit.rollout.backends  # noqa: F401  (the rollout group)
 

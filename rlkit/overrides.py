@@ -14,6 +14,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from rlkit.registry import GROUPS
 from rlkit.settings import ConfigError
 
+ENVIRONMENT_TASK_PRESETS = "maze, navigation, wordle, twenty_questions, tool_arith; env for your own"
+
 
 def config_overrides(args: list[str]) -> list[str]:
     """The ``key=value`` overrides among the command's arguments (not Hydra's flags or its own keys)."""
@@ -80,6 +82,8 @@ def explain(error: Exception, overrides: list[str]) -> str:
         if registry is None:
             return f"{group}: not a config group of this config (see `rlkit train --cfg job`)"
         valid = ", ".join(registry.names())
+        if not group.startswith("algo/"):  # env: an environment task's preset chooses it
+            return f"{group}: only an environment task has an {group} node; choose one with task=<name> ({ENVIRONMENT_TASK_PRESETS})"
         return f"{group}: this algo preset chooses no {registry.kind}; add one with +{group}=<name> (valid: {valid})"
     return message.strip().splitlines()[0]
 

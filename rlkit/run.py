@@ -17,7 +17,7 @@ from rlkit.checkpoint import newest_intact_checkpoint, verified_checkpoint
 from rlkit.engine import barrier, build_engine, is_main_process, rank, world_size
 from rlkit.models import build_tiny_model, configure_for_training, load_pretrained, load_tokenizer
 from rlkit.rewards import build_reward, resolve_reward_fn
-from rlkit.rewards.registry import RewardTermFn
+from rlkit.rewards.registry import EnvironmentRewards, RewardTermFn
 from rlkit.tasks import build_task, format_prompt
 
 
@@ -83,9 +83,9 @@ def resume_checkpoint(cfg, run_dir: str) -> str | None:
 
 
 def build_run(cfg, run_dir: str) -> Run:
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, None if cfg.env is None else OmegaConf.to_object(cfg.env))
     train_rows, test_rows = task.split("train"), task.split("test")
-    reward = build_reward(cfg.reward)
+    reward = EnvironmentRewards() if cfg.reward.name == "env" else build_reward(cfg.reward)
     # the verifier is called with the row fields it names
     verifier = RewardTermFn(cfg.task.verifier, resolve_reward_fn(cfg.task.verifier), 1.0)
     algo, rollout = OmegaConf.to_object(cfg.algo), OmegaConf.to_object(cfg.rollout)
@@ -94,16 +94,15 @@ def build_run(cfg, run_dir: str) -> Run:
 
 def base_model_dir(run: Run) -> str:
     """Where the model to start from lives: ``model.name_or_path``, or for the
-    tiny model its seeded random init saved once in the run dir."""
+    tiny model its seeded random init saved once in the run dir (its tokenizer trained on the
+    task's text, with the task's chat template when it needs one)."""
     if run.cfg.model.name_or_path:
         return run.cfg.model.name_or_path
     directory = run.path("initial_model")
     if is_main_process() and not os.path.isfile(os.path.join(directory, "config.json")):
-        corpus = (
-            f"{row['question']}\n{row['solution']}"
-            for row in run.train_rows.select(range(min(5000, len(run.train_rows))))
-        )
+        corpus = run.task.corpus(run.train_rows.select(range(min(5000, len(run.train_rows)))))
         model, tokenizer = build_tiny_model(run.cfg.model.tiny, corpus, run.cfg.seed)
+        tokenizer.chat_template = run.task.chat_template
         save_atomically(directory, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     barrier()  # every rank, always: one that found the model already saved must not skip it
     return directory

@@ -164,6 +164,7 @@ def run_loop(
 def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, label: str) -> None:
     started = time.perf_counter()
     result = evaluate(run, loop)
+    tables = result.pop("tables", {})  # an evaluation's own tables (an environment task's whole episodes)
     numbers = {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
     numbers["time/eval"] = time.perf_counter() - started
     logger.log(numbers, step)
@@ -173,6 +174,8 @@ def record_evaluation(run, loop, logger: RunLogger, report: Report, step: int, l
         [[s["prompt"], s["completion"], s["answer"], s["correct"]] for s in result["samples"]],
         step,
     )
+    for name, (columns, rows) in tables.items():
+        logger.table(name, columns, rows, step)
     if is_main_process():
         report.add(step, label, result)
         report.summary.update(peak_memory())

@@ -9,7 +9,11 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlkit.algos import ADVANTAGE_ESTIMATORS
+from rlkit.algos.advantages import EPISODE_INPUTS
 from rlkit.algos.policy_losses import POLICY_LOSSES, optional_inputs
+from rlkit.config import TaskConfig
+from rlkit.envs import make_environment
 from rlkit.loops import LOOPS
 from rlkit.registry import GROUPS
 from rlkit.rewards import resolve_reward_fn
@@ -33,7 +37,11 @@ def validate(cfg, world_size: int = 1) -> None:
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
     check_rollout(cfg)
-    check_rewards(cfg)
+    if TASKS.get(cfg.task.name).samples == "episodes":
+        check_environment_task(cfg)
+    else:
+        check_no_environment(cfg)
+        check_rewards(cfg)
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
     if cfg.resume not in ("auto", "force", "never") and not os.path.isdir(cfg.resume):
@@ -124,3 +132,64 @@ def check_rewards(cfg) -> None:
             resolve_reward_fn(spec)
         except (KeyError, ValueError) as error:
             raise ConfigError(f"{key}: {error}") from None
+
+
+ENVIRONMENT_TASKS = (
+    "task=maze, navigation, wordle, twenty_questions or tool_arith (task=env env.fn=module:Class for your own)"
+)
+NOT_READ_BY_ENVIRONMENT_TASKS = ("path", "prompt_template", "system_prompt", "verifier", "use_chat_template")
+
+
+def check_no_environment(cfg) -> None:
+    """A task that is not an environment has no ``env`` node, no environment reward and no
+    advantage estimator that reads episodes."""
+    if cfg.env is not None:
+        raise ConfigError(
+            f"env={cfg.env.name}: task {cfg.task.name} is not an environment task; use {ENVIRONMENT_TASKS}"
+        )
+    if cfg.reward.name == "env":
+        raise ConfigError(
+            f"reward=env: task {cfg.task.name} is not an environment task, so no environment rewards it (e.g. reward=math)"
+        )
+    estimator = cfg.algo.get("advantage")
+    if estimator is not None and set(getattr(ADVANTAGE_ESTIMATORS.get(estimator.name), "inputs", ())) & set(
+        EPISODE_INPUTS
+    ):
+        raise ConfigError(
+            f"algo.advantage={estimator.name}: it reads the turns of multi-turn episodes; use {ENVIRONMENT_TASKS}"
+        )
+
+
+def check_environment_task(cfg) -> None:
+    """An environment task has an ``env`` node, is rewarded by it (``reward=env``), trains with a
+    loop and value source that work on episodes, and sets no task setting it does not read."""
+    if cfg.env is None:
+        raise ConfigError(f"task.name={cfg.task.name} needs an environment: {ENVIRONMENT_TASKS}")
+    if cfg.reward.name != "env" or cfg.reward.terms or cfg.reward.fn:
+        raise ConfigError(
+            f"reward={cfg.reward.name}: an environment task is rewarded by its environment, turn by turn; use reward=env"
+        )
+    if cfg.algo.loop not in ("policy_gradient", "sft"):
+        raise ConfigError(
+            f"algo={cfg.algo.name}: its loop ({cfg.algo.loop}) learns from single responses; environment tasks train "
+            "with the policy-gradient loop (e.g. algo=grpo, rloo, ppo, gigpo) or algo=sft"
+        )
+    source = cfg.algo.get("value_source")
+    if source is not None and source.name in ("monte_carlo", "greedy"):
+        raise ConfigError(
+            f"algo/value_source={source.name}: it re-samples single responses; environment tasks use none, critic or value_head"
+        )
+    defaults = TaskConfig(name=cfg.task.name)
+    for key in NOT_READ_BY_ENVIRONMENT_TASKS:
+        if cfg.task[key] != getattr(defaults, key):
+            raise ConfigError(
+                f"task.{key}={cfg.task[key]!r}: an environment task does not read it (its environment gives the "
+                "prompts, rewards and success; episodes follow the tokenizer's chat template)"
+            )
+    options = make_environment(OmegaConf.to_object(cfg.env)).options  # env=custom: env.fn imports, its options check
+    positions = cfg.model.tiny.max_position_embeddings
+    if cfg.model.name_or_path is None and options.max_total_tokens > positions:
+        raise ConfigError(
+            f"env.max_total_tokens={options.max_total_tokens}: the tiny model has {positions} positions "
+            "(model.tiny.max_position_embeddings)"
+        )

@@ -84,7 +84,10 @@ def main() -> None:
         for part in ("initial_model", "warmstart"):
             if (warm / f"seed{seed}" / part).is_dir() and not (run_dir / part).exists():
                 shutil.copytree(warm / f"seed{seed}" / part, run_dir / part)
-        ok = train([*config.split(), f"seed={seed}", *args.overrides], run_dir, threads)
+        # the run dir holds the copied warm start before the run starts there
+        ok = train(
+            [*config.split(), f"seed={seed}", *args.overrides, "trainer.allow_nonempty_dir=true"], run_dir, threads
+        )
         return f"{'ok' if ok else 'FAILED'}: {run_dir} (log {run_dir}.log)"
 
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from rlkit.algos import ADVANTAGE_ESTIMATORS, POLICY_LOSSES, AdvantageInputs, aggregate_loss
 from rlkit.algos.advantages import (
+    EPISODE_INPUTS,
     bnpo_advantage,
     bnpo_beta_parameters,
     grpo_advantage,
@@ -566,6 +567,10 @@ def test_preset_composes_into_the_schema_and_validates(compose_config, name):
     c = compose_config(f"algo={name}")
     if c.algo.loop in ("preference", "reward_model"):  # offline preference presets need a task with pairs
         c = compose_config(f"algo={name}", "task=hh")
+    elif "advantage" in c.algo and set(EPISODE_INPUTS) & set(
+        getattr(ADVANTAGE_ESTIMATORS.get(c.algo.advantage.name), "inputs", ())
+    ):
+        c = compose_config(f"algo={name}", "task=maze")  # estimators of turns (gigpo, turn_gae) need episodes
     validate(c)
     assert c.algo.name == name
     assert c.algo.loop in LOOPS

@@ -154,64 +154,7 @@ def test_checkpoint_loads_with_plain_transformers(main_run: Path):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(main_run: Path, tmp_path: Path):
-    run_dir = tmp_path / "outputs" / "main"
-    log = tmp_path / "killed.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [rlkit_executable(), *MAIN_ARGS], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            # Kill it once checkpoint 2 is complete and step 3 is logged: the resumed run must
-            # start from the checkpoint, not from the last step it logged, and log step 3 once.
-            deadline = time.monotonic() + 300
-            while not ((run_dir / "checkpoints" / "2" / "trainer_state.json").is_file() and logged_step(run_dir, 3)):
-                assert process.poll() is None, (
-                    f"the run exited ({process.returncode}) before step 3:\n{log.read_text()[-3000:]}"
-                )
-                assert time.monotonic() < deadline, "no step 3 within 300 s"
-                time.sleep(0.05)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
-
-    newest = complete_checkpoints(run_dir)[-1]
-    assert 2 <= newest < 6, f"the killed run got to checkpoint {newest}; nothing left to resume"
-    run_id = read_json(run_dir / "checkpoints" / str(newest) / "trainer_state.json")["run_id"]
-    before = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps_before = [step_of(line) for line in before]
-    kept_before = [line for line, step in zip(before, steps_before) if step is not None and step <= newest]
-
-    rlkit(MAIN_ARGS, tmp_path).check()
-
-    # Resumed, not restarted: the records up to the checkpoint are the killed run's own
-    # (their wall times would differ had the steps been redone), then each step once.
-    after = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert after[: len(kept_before)] == kept_before
-    assert min(json.loads(line)["step"] for line in after[len(kept_before) :]) == newest + 1
-    resumed, reference = train_records(run_dir), train_records(main_run)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-    assert read_json(run_dir / "checkpoints" / "6" / "trainer_state.json")["run_id"] == run_id
-    assert [e["step"] for e in read_json(run_dir / "report.json")["evaluations"]] == [0, 2, 4, 6]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "6"]  # no .tmp-* either
-
-    # Same rollouts, rewards, losses and gradient norms at every step as the uninterrupted run ...
-    for got, want in zip(resumed, reference):
-        assert {k: v for k, v in got.items() if not is_timing(k)} == {
-            k: v for k, v in want.items() if not is_timing(k)
-        }, got["step"]
-    assert [e["accuracy"] for e in read_json(run_dir / "report.json")["evaluations"]] == [
-        e["accuracy"] for e in read_json(main_run / "report.json")["evaluations"]
-    ]
-    # ... and bit-identical final weights (RNG, sampler position, optimizer and LR schedule all restored).
-    import torch
-
-    got, want = load_weights(run_dir / "checkpoints" / "6"), load_weights(main_run / "checkpoints" / "6")
-    assert got.keys() == want.keys()
-    different = [name for name in want if not torch.equal(got[name], want[name])]
-    assert not different, f"resumed weights differ from the uninterrupted run's in {different}"
+    assert_kill_and_resume_matches(MAIN_ARGS, main_run, tmp_path)
 
 
 def test_resume_from_explicit_checkpoint_path(main_run: Path, tmp_path: Path):
@@ -396,3 +339,68 @@ def test_user_reward_function(tmp_path: Path):
         assert 0.0 <= record["reward/short_answer/mean"] <= 1.0
         assert record["reward/mean"] == record["reward/short_answer/mean"]  # the only term, weight 1
         assert "reward/answer/mean" not in record  # reward.fn replaces the preset's terms
+
+
+def assert_kill_and_resume_matches(args: list[str], reference_run: Path, tmp_path: Path) -> None:
+    """Run ``rlkit <args>`` (6 steps, a checkpoint every 2, keep 2) in ``tmp_path``, kill -9 it once
+    checkpoint 2 is complete and step 3 is logged, run it again: it must resume from its newest
+    complete checkpoint and end exactly as ``reference_run`` (the same command, uninterrupted) did:
+    the same metrics at every step, evaluations and bit-identical final weights."""
+    run_dir = tmp_path / "outputs" / reference_run.name
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [rlkit_executable(), *args], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            # Kill it once checkpoint 2 is complete and step 3 is logged: the resumed run must
+            # start from the checkpoint, not from the last step it logged, and log step 3 once.
+            deadline = time.monotonic() + 300
+            while not ((run_dir / "checkpoints" / "2" / "trainer_state.json").is_file() and logged_step(run_dir, 3)):
+                assert process.poll() is None, (
+                    f"the run exited ({process.returncode}) before step 3:\n{log.read_text()[-3000:]}"
+                )
+                assert time.monotonic() < deadline, "no step 3 within 300 s"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    newest = complete_checkpoints(run_dir)[-1]
+    assert 2 <= newest < 6, f"the killed run got to checkpoint {newest}; nothing left to resume"
+    run_id = read_json(run_dir / "checkpoints" / str(newest) / "trainer_state.json")["run_id"]
+    before = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_before = [step_of(line) for line in before]
+    kept_before = [line for line, step in zip(before, steps_before) if step is not None and step <= newest]
+
+    rlkit(args, tmp_path).check()
+
+    # Resumed, not restarted: the records up to the checkpoint are the killed run's own
+    # (their wall times would differ had the steps been redone), then each step once.
+    after = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert after[: len(kept_before)] == kept_before
+    assert min(json.loads(line)["step"] for line in after[len(kept_before) :]) == newest + 1
+    resumed, reference = train_records(run_dir), train_records(reference_run)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
+    assert read_json(run_dir / "checkpoints" / "6" / "trainer_state.json")["run_id"] == run_id
+    assert [e["step"] for e in read_json(run_dir / "report.json")["evaluations"]] == [0, 2, 4, 6]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["4", "6"]  # no .tmp-* either
+
+    # Same rollouts, rewards, losses and gradient norms at every step as the uninterrupted run ...
+    for got, want in zip(resumed, reference):
+        assert {k: v for k, v in got.items() if not is_timing(k)} == {
+            k: v for k, v in want.items() if not is_timing(k)
+        }, got["step"]
+    assert [e["accuracy"] for e in read_json(run_dir / "report.json")["evaluations"]] == [
+        e["accuracy"] for e in read_json(reference_run / "report.json")["evaluations"]
+    ]
+    # ... and bit-identical final weights (RNG, sampler position, optimizer and LR schedule all restored).
+    import torch
+
+    got, want = load_weights(run_dir / "checkpoints" / "6"), load_weights(reference_run / "checkpoints" / "6")
+    assert got.keys() == want.keys()
+    different = [name for name in want if not torch.equal(got[name], want[name])]
+    assert not different, f"resumed weights differ from the uninterrupted run's in {different}"

@@ -87,7 +87,7 @@ def test_registry_errors_are_one_line_config_errors():
         resolve_environment("no_such_module:Env")
     with pytest.raises(ConfigError, match="not a subclass"):
         resolve_environment("rlkit.envs.maze:shortest_path")
-    with pytest.raises(ConfigError, match="env.options.sise: unknown option; valid: .*size"):
+    with pytest.raises(ConfigError, match="env.sise: unknown option; valid: .*size"):
         build_environment("maze", {"sise": 3})
 
 

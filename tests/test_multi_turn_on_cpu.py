@@ -146,3 +146,90 @@ def test_gigpo_rejects_misaligned_inputs():
         gigpo_advantages([[0, 1]], [["a"]], [0])
     with pytest.raises(ValueError, match="one entry per episode"):
         gigpo_advantages([[0]], [["a"]], [0, 1])
+
+
+# --------------------------------------------------------------------------- registered estimators on token layouts
+
+
+def episode_layout(turns_per_episode: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Episodes as response tokens: each turn a reply of two tokens then one observation token."""
+    width = 3 * max(turns_per_episode)
+    turn_rows, loss_rows = [], []
+    for turns in turns_per_episode:
+        turn_rows.append([k for k in range(turns) for _ in range(3)] + [0] * (width - 3 * turns))
+        loss_rows.append([1, 1, 0] * turns + [0] * (width - 3 * turns))
+    return torch.tensor(turn_rows), torch.tensor(loss_rows)
+
+
+def test_the_gigpo_estimator_gives_each_reply_token_its_turns_advantage():
+    """The registered estimator on the token layout of the five episodes above: the turn rewards
+    are read back from the token rewards, and every token of turn k carries A^E + omega A^S."""
+    turn_index, loss = episode_layout([len(r) for r in REWARDS])
+    token_rewards = turn_rewards_to_tokens(REWARDS, turn_index, loss)
+    inputs = AdvantageInputs(
+        token_rewards, loss, torch.tensor([0, 0, 0, 1, 1]), turn_index=turn_index, state_keys=STATES
+    )
+    settings = ADVANTAGE_ESTIMATORS.make_settings("gigpo", gamma=0.5, omega=1.0, norm_by_std=False)
+    advantages, returns = ADVANTAGE_ESTIMATORS.get("gigpo")(inputs, settings)
+    expected = [[11 / 24, 0.5, 1 / 3], [-19 / 24, -1.0], [1 / 3, 1 / 3, 0.5, 1 / 3], [1.0], [-1.0, -0.5]]
+    torch.testing.assert_close(advantages, turn_values_to_tokens(expected, turn_index, loss))
+    assert advantages[~loss.bool()].abs().sum() == 0 and torch.equal(advantages, returns)
+
+
+def test_the_gigpo_estimator_refuses_single_responses():
+    inputs = AdvantageInputs(torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="needs episodes"):
+        ADVANTAGE_ESTIMATORS.get("gigpo")(inputs, ADVANTAGE_ESTIMATORS.make_settings("gigpo"))
+
+
+def test_turn_gae_estimator_reads_the_value_at_each_replys_first_token():
+    """The layout of ``layout()``. Episode 0: r = (0, 0, 1), V(s_k) = (.2, .4, .6) at its replies'
+    first tokens (2, 6, 10): A = (0, 0, .4), R = (.2, .4, 1) (test_turn_gae_matches_hand_computed_values).
+    Episode 1: r = (0, 1), V = (.5, 0) at tokens 2 and 4: deltas -.5 and 1, A = (-.5 + .25, 1) = (-.25, 1),
+    R = (.25, 1). Values elsewhere (9) are never read."""
+    turn_index, loss = layout()
+    token_rewards = turn_rewards_to_tokens([[0.0, 0.0, 1.0], [0.0, 1.0]], turn_index, loss)
+    values = torch.full(loss.shape, 9.0)
+    values[0, [2, 6, 10]] = torch.tensor([0.2, 0.4, 0.6])
+    values[1, [2, 4]] = torch.tensor([0.5, 0.0])
+    inputs = AdvantageInputs(token_rewards, loss, torch.tensor([0, 1]), values=values, turn_index=turn_index)
+    settings = ADVANTAGE_ESTIMATORS.make_settings("turn_gae", gamma=0.5, lam=0.5, norm_by_std=False)
+    advantages, returns = ADVANTAGE_ESTIMATORS.get("turn_gae")(inputs, settings)
+    want_a = turn_values_to_tokens([[0.0, 0.0, 0.4], [-0.25, 1.0]], turn_index, loss)
+    want_r = turn_values_to_tokens([[0.2, 0.4, 1.0], [0.25, 1.0]], turn_index, loss)
+    torch.testing.assert_close(advantages, want_a)
+    torch.testing.assert_close(returns, want_r)
+
+
+def test_token_level_returns_skip_the_observations_between_replies():
+    """GAE and discounted returns over a mask with gaps equal those over the same tokens packed
+    together: an observation is not a time step. A prefix mask is unchanged by the packing."""
+    from rlkit.algos.advantages import _returns_to_go
+    from rlkit.algos.gae import generalized_advantages
+
+    turn_index, loss = layout()
+    torch.manual_seed(0)
+    rewards, values = torch.rand(loss.shape), torch.rand(loss.shape)
+    advantages, returns = generalized_advantages(rewards, values, loss, gamma=0.9, lam=0.8)
+    discounted = _returns_to_go(rewards, loss, 0.9)
+    for row in range(len(loss)):
+        keep = loss[row].bool()
+        packed = torch.zeros(1, int(keep.sum()))
+        want_a, want_r = generalized_advantages(
+            rewards[row, keep][None], values[row, keep][None], torch.ones_like(packed), gamma=0.9, lam=0.8
+        )
+        assert advantages[row, keep].tolist() == pytest.approx(want_a[0].tolist())
+        assert returns[row, keep].tolist() == pytest.approx(want_r[0].tolist())
+        want_g = _returns_to_go(rewards[row, keep][None], torch.ones_like(packed), 0.9)
+        assert discounted[row, keep].tolist() == pytest.approx(want_g[0].tolist())
+        assert advantages[row, ~keep].abs().sum() == 0 and discounted[row, ~keep].abs().sum() == 0
+    prefix = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    a, r = generalized_advantages(rewards[:, :4], values[:, :4], prefix, 0.9, 0.8)
+    running_a = torch.zeros(2, 4, dtype=torch.float64)  # the recursion by hand, no packing
+    m, rw, v = prefix.double(), rewards[:, :4].double() * prefix, values[:, :4].double() * prefix
+    deltas = rw + 0.9 * torch.nn.functional.pad(v[:, 1:], (0, 1)) - v
+    running = torch.zeros(2, dtype=torch.float64)
+    for t in reversed(range(4)):
+        running = (deltas[:, t] + 0.9 * 0.8 * running) * m[:, t]
+        running_a[:, t] = running
+    assert torch.equal(a, running_a) and torch.equal(r, running_a + v)

@@ -6,6 +6,7 @@ loop only ever looks them up by name.
 
 from rlkit.algos import (
     gae,  # noqa: F401,E402  (registers the "gae" estimator)
+    multi_turn,  # noqa: F401,E402  (registers "gigpo" and "turn_gae", which read an episode's turns)
     vine,  # noqa: F401,E402  (registers the "vine" estimator, VinePPO)
 )
 from rlkit.algos.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs

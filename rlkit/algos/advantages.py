@@ -13,15 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-from rlkit.algos.masked import group_stats
+from rlkit.algos.masked import group_stats, packing_order, unpack
 from rlkit.registry import Registry
 from rlkit.settings import Settings
 
 ADVANTAGE_ESTIMATORS: Registry = Registry("advantage estimator", group="algo/advantage")
 
 
+# the AdvantageInputs fields a multi-turn sample stage fills (an environment task's episodes), not a value source
+EPISODE_INPUTS = ("turn_index", "state_keys")
+
+
 def uses(*inputs: str):
-    """Declare the optional :class:`AdvantageInputs` fields an estimator reads."""
+    """Declare the optional :class:`AdvantageInputs` fields an estimator reads: values a value
+    source provides (``values``, ``baseline_scores``, ...) and the turns of episodes (:data:`EPISODE_INPUTS`)."""
 
     def mark(fn):
         fn.inputs = inputs
@@ -87,9 +92,11 @@ class BNPOSettings(Settings):
 class AdvantageInputs:
     """What an estimator may use.
 
-    token_rewards: (B, T) the sequence score on the last response token, plus any
-        per-token shaping (e.g. a KL penalty placed in the reward).
-    response_mask: (B, T) 1 on response tokens.
+    token_rewards: (B, T) the sequence score on the last response token (a multi-turn
+        episode: each turn's reward on the turn's last token), plus any per-token shaping
+        (e.g. a KL penalty placed in the reward).
+    response_mask: (B, T) 1 on the response tokens the policy sampled (a prefix, except in a
+        multi-turn episode: observations lie between its replies).
     group_index: (B,) samples drawn for the same prompt share an id.
     values: (B, T) critic values, for estimators that bootstrap.
     baseline_scores: (B,) a per-sample baseline score (e.g. ReMax's greedy reward).
@@ -99,6 +106,11 @@ class AdvantageInputs:
     bootstrap_values: (B,) V(s_T), the value of the state after a response's last token
         when the response did not end there (it was cut off and goes on), for estimators
         that bootstrap (``gae``: T-PPO's Extended GAE); 0 for responses that ended.
+    turn_index: (B, T) the turn of each token of a multi-turn episode (0, 1, ...); the
+        response mask then covers the replies only, not the observations between them, and
+        a turn's reward is the sum of its tokens' rewards.
+    state_keys: each episode's environment state per turn, the state each reply was made in
+        (hashable, equal for equal states of one instance: GiGPO's anchor states).
     """
 
     token_rewards: torch.Tensor
@@ -108,6 +120,8 @@ class AdvantageInputs:
     baseline_scores: torch.Tensor | None = None
     step_ids: torch.Tensor | None = None
     bootstrap_values: torch.Tensor | None = None
+    turn_index: torch.Tensor | None = None
+    state_keys: list | None = None
 
     @property
     def scores(self) -> torch.Tensor:
@@ -167,17 +181,20 @@ def _sequence_scores(inputs: AdvantageInputs) -> torch.Tensor:
 
 
 def _returns_to_go(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{k >= t} gamma^(k - t) r_k over response tokens (float64, 0 on padding)."""
+    """G_t = sum_{k >= t} gamma^(k - t) r_k over the masked tokens (float64, 0 elsewhere); k counts
+    sampled tokens only, so a multi-turn episode's observations are not discounted steps."""
     m = _float_mask(mask)
     rewards = token_rewards.to(torch.float64) * m
     if gamma == 1.0:
         return rewards.flip(-1).cumsum(-1).flip(-1) * m
+    order = packing_order(mask)
+    rewards, packed_mask = rewards.gather(1, order), m.gather(1, order)
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    return returns * m
+    return unpack(returns * packed_mask, order)
 
 
 def _normalise_over_batch(values: torch.Tensor, mask: torch.Tensor, eps: float, divide: bool) -> torch.Tensor:

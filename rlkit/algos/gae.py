@@ -15,6 +15,7 @@ from rlkit.algos.advantages import (
     _normalise_over_batch,
     uses,
 )
+from rlkit.algos.masked import packing_order, unpack
 
 
 @torch.no_grad()
@@ -37,11 +38,14 @@ def generalized_advantages(
     Extended GAE (EGAE; Fan et al. 2025, "Truncated Proximal Policy Optimization", arXiv:2506.15050:
     the sum stops at the window's last token l-1, and the unseen V(s_l) is taken to be the critic's
     V(s_{l-1}), which the caller passes as the bootstrap). With gamma = lambda = 1 a cut-off response
-    gets A_t = sum_{k >= t} r_k + V_boot - V(s_t). The mask must be a prefix.
+    gets A_t = sum_{k >= t} r_k + V_boot - V(s_t). A mask with gaps (a multi-turn episode, whose
+    observations are not the policy's tokens) is packed first (:func:`packing_order`): t + 1 is the
+    next sampled token, so the value of the reply after an observation is the next state's value.
     """
-    mask = _float_mask(response_mask).to(torch.float64)
-    rewards = token_rewards.to(torch.float64) * mask
-    values = values.to(torch.float64) * mask
+    order = packing_order(response_mask)
+    mask = _float_mask(response_mask).to(torch.float64).gather(1, order)
+    rewards = token_rewards.to(torch.float64).gather(1, order) * mask
+    values = values.to(torch.float64).gather(1, order) * mask
     next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))  # 0 past each response's last token
     if bootstrap_values is not None:
         lengths = mask.sum(-1).long()
@@ -53,7 +57,7 @@ def generalized_advantages(
     for t in reversed(range(deltas.shape[1])):
         running = (deltas[:, t] + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
-    return advantages, advantages + values
+    return unpack(advantages, order), unpack(advantages + values, order)
 
 
 @dataclass
@@ -78,8 +82,8 @@ def gae_advantage(inputs: AdvantageInputs, settings: GAESettings) -> tuple[torch
     returns R_t = A_t + V(s_t), the critic's regression target.
 
     lambda = 1 gives A_t = sum_k gamma^(k-t) r_k - V(s_t) (Eq. 18: returns minus values);
-    lambda = 0 the one-step TD error (Eq. 17). The response mask must be a prefix (it is:
-    responses end at EOS). With ``norm_by_std`` the advantages are whitened over every
+    lambda = 0 the one-step TD error (Eq. 17). Over a multi-turn episode the recursion runs over
+    the sampled tokens only (the observations between replies are skipped). With ``norm_by_std`` the advantages are whitened over every
     response token of the batch, all processes included (PPO-max's advantage normalisation,
     Zheng et al. 2023); returns are not.
     """

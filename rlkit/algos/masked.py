@@ -36,3 +36,16 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     residual_var = float(masked_mean((returns - values - masked_mean(returns - values, mask)) ** 2, mask))
     returns_var = float(masked_mean((returns - masked_mean(returns, mask)) ** 2, mask))
     return 1.0 - residual_var / returns_var if returns_var > 0 else float("nan")
+
+
+def packing_order(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that pack each row's masked tokens to its front, in order:
+    ``x.gather(1, order)`` gives a prefix mask, ``unpack(packed, order)`` puts values back. Recursions
+    over time (returns, GAE) run on packed rows, so tokens outside the mask (a multi-turn episode's
+    observations) are skipped as if absent. For a mask that is already a prefix, the identity."""
+    return torch.sort((mask == 0).to(torch.int8), dim=-1, stable=True).indices
+
+
+def unpack(packed: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``x.gather(1, order)`` (:func:`packing_order`)."""
+    return torch.zeros_like(packed).scatter(1, order, packed)

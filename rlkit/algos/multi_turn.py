@@ -9,6 +9,10 @@ turn's reward on the turn's last reply token (:func:`turn_rewards_to_tokens`) an
 that as ``AdvantageInputs.token_rewards`` with ``response_mask = loss_mask``; GRPO,
 RLOO, ... then score each episode by its total reward and give every reply token of
 it the same advantage.
+
+Two estimators read the turns (``AdvantageInputs.turn_index`` and ``state_keys``, which an
+environment task's sample stage fills): ``gigpo`` (:func:`gigpo_advantage`) and ``turn_gae``
+(:func:`turn_gae_advantage`, PPO's GAE over turns with a learned critic).
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from rlkit.algos.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    _normalise_over_batch,
+    compares_within_groups,
+    uses,
+)
+from rlkit.algos.gae import GAESettings, generalized_advantages
 from rlkit.algos.masked import group_stats
+from rlkit.settings import Settings
 
 
 def discounted_returns(rewards: Sequence[float], gamma: float) -> list[float]:
@@ -179,3 +192,103 @@ def normalise_in_groups(values: torch.Tensor, group: torch.Tensor, by_std: bool,
     if not by_std:
         return centred
     return torch.where(std > 0, centred / (std + eps), torch.zeros_like(centred))
+
+
+# --------------------------------------------------------------------------- registered estimators
+
+
+def turn_table(
+    token_values: torch.Tensor, turn_index: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, K) the sum of ``token_values`` over each turn's masked tokens, (B, K) which turns
+    exist), K the most turns of an episode; a turn exists when it holds a masked token."""
+    mask = mask.bool()
+    width = int(turn_index[mask].max()) + 1 if mask.any() else 1
+    index = turn_index.long().clamp(0, width - 1)
+    sums = torch.zeros(len(mask), width, dtype=torch.float64, device=mask.device)
+    sums.scatter_add_(1, index, torch.where(mask, token_values.to(torch.float64), 0.0))
+    counts = torch.zeros(len(mask), width, device=mask.device).scatter_add_(1, index, mask.float())
+    return sums, counts > 0
+
+
+def first_turn_tokens(turn_index: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, K) the position of each turn's first masked token (its reply's first token; 0 for a turn that does not exist)."""
+    mask = mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    beyond = torch.full_like(positions, mask.shape[1])
+    first = torch.full((len(mask), width), mask.shape[1], dtype=torch.long, device=mask.device)
+    first.scatter_reduce_(1, turn_index.long().clamp(0, width - 1), torch.where(mask, positions, beyond), "amin")
+    return torch.where(first == mask.shape[1], 0, first)
+
+
+def spread_over_turns(per_turn: torch.Tensor, turn_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T): each masked token carries its turn's value from ``per_turn`` (B, K); 0 elsewhere."""
+    index = turn_index.long().clamp(0, per_turn.shape[1] - 1)
+    return per_turn.gather(1, index) * mask.to(per_turn.dtype)
+
+
+@dataclasses.dataclass
+class GiGPOSettings(Settings):
+    gamma: float = 0.95  # discount of the step-level returns, per turn (paper: 0.95)
+    omega: float = 1.0  # weight of the step-level advantage (paper: 1)
+    # F_norm: the std (true) or 1 (false: the authors' code's "mean_norm", its scripts' choice; the paper allows both)
+    norm_by_std: bool = False
+    eps: float = 1e-6  # added to the std before dividing
+
+    def check(self) -> None:
+        self.require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        self.require_non_negative("omega")
+        self.require(self.eps > 0 or not self.norm_by_std, "eps", "must be positive when norm_by_std is true")
+
+
+@ADVANTAGE_ESTIMATORS.register("gigpo", GiGPOSettings)
+@uses("turn_index", "state_keys")
+@compares_within_groups
+@torch.no_grad()
+def gigpo_advantage(inputs: AdvantageInputs, settings: GiGPOSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """GiGPO (:func:`gigpo_advantages`) over a batch of episodes: each turn's reward is the sum of
+    its tokens' rewards (the environment's reward, plus any normalisation or KL placed in the
+    reward), the episode groups are ``group_index``, the anchor states ``state_keys``; every token
+    of turn k carries A^E + omega A^S of that turn."""
+    if inputs.turn_index is None or inputs.state_keys is None:
+        raise ValueError("advantage 'gigpo' needs episodes (turn_index, state_keys): an environment task")
+    rewards, exists = turn_table(inputs.token_rewards, inputs.turn_index, inputs.response_mask)
+    turn_rewards = [row[keep].tolist() for row, keep in zip(rewards.cpu(), exists.cpu())]
+    result = gigpo_advantages(
+        turn_rewards,
+        inputs.state_keys,
+        inputs.group_index.tolist(),
+        settings.gamma,
+        settings.omega,
+        settings.norm_by_std,
+        settings.eps,
+    )
+    per_turn = torch.zeros(rewards.shape, dtype=torch.float64)
+    for row, values in enumerate(result.combined):
+        per_turn[row, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    advantages = spread_over_turns(per_turn.to(rewards.device), inputs.turn_index, inputs.response_mask).float()
+    return advantages, advantages
+
+
+@ADVANTAGE_ESTIMATORS.register("turn_gae", GAESettings)
+@uses("values", "turn_index")
+@torch.no_grad()
+def turn_gae_advantage(inputs: AdvantageInputs, settings: GAESettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's GAE with a turn as the time step (Schulman et al. 2016, Eq. 16, over turns): r_k is
+    the sum of turn k's token rewards, V(s_k) the critic's value at the first token of reply k
+    (the state the reply is made in), V = 0 after an episode's last turn (a limit's cut is taken
+    as its end); every token of turn k carries A_k, and R_k = A_k + V(s_k) is the critic's target
+    there. ``norm_by_std`` whitens the advantages over the batch's sampled tokens, as ``gae``."""
+    if inputs.values is None or inputs.turn_index is None:
+        raise ValueError(
+            "advantage 'turn_gae' needs critic values and episodes: algo/value_source=critic, an environment task"
+        )
+    mask = inputs.response_mask
+    rewards, exists = turn_table(inputs.token_rewards, inputs.turn_index, mask)
+    values = inputs.values.to(torch.float64).gather(1, first_turn_tokens(inputs.turn_index, mask, rewards.shape[1]))
+    advantages, returns = generalized_advantages(rewards, values, exists, settings.gamma, settings.lam)
+    advantages = spread_over_turns(advantages, inputs.turn_index, mask)
+    returns = spread_over_turns(returns, inputs.turn_index, mask)
+    if settings.norm_by_std:
+        advantages = _normalise_over_batch(advantages, mask, settings.eps, divide=True)
+    return advantages.float(), returns.float()

@@ -7,6 +7,10 @@ the episode is over. Everything is deterministic given the row. Each environment
 names its current state with a hashable :meth:`Environment.state_key` (GiGPO's anchor
 states) and plays a scripted expert (:meth:`Environment.expert_action`) for warm-start
 demonstrations.
+
+Each environment's ``Options`` (a :class:`EnvSettings` dataclass) is an option of the ``env``
+config group (``env=maze env.size=7``); ``env=custom env.fn=package.module:Class`` plays a
+user's own subclass, its options under ``env.options``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,40 @@ import random
 from collections.abc import Hashable
 from typing import Any
 
-from rlkit.registry import Registry
-from rlkit.settings import ConfigError
+from omegaconf import MISSING
 
-ENVIRONMENTS: Registry[type[Environment]] = Registry("environment")
+from rlkit.registry import Registry
+from rlkit.settings import ConfigError, Settings, check_settings
+
+ENVIRONMENTS: Registry[type[Environment]] = Registry("environment", group="env")
+
+
+@dataclasses.dataclass
+class EnvSettings(Settings):
+    """What every environment accepts (the ``env`` node); each environment's ``Options`` extends it.
+    The episode runner reads ``max_turns``, ``max_total_tokens`` and ``step_workers``; each reply
+    is at most ``task.max_new_tokens`` long."""
+
+    max_turns: int = 10  # an episode stops (truncated) after this many replies
+    max_total_tokens: int = 512  # an episode's whole sequence, opening prompt included (tiny model: <= its positions)
+    step_workers: int = 0  # > 0: step this many environments at a time on threads (tools that wait on subprocesses)
+    test_size: int = 200  # held-out instances (the test split); training rows never repeat one
+    train_size: int = 10000  # training instances drawn (an instance may repeat)
+    seed: int = 0  # the data seed: instances, and which of them are held out
+
+    def check(self) -> None:
+        self.require_at_least_one("max_turns", "max_total_tokens", "test_size", "train_size")
+        self.require_non_negative("step_workers")
+
+
+def register_environment(name: str):
+    """Class decorator: register an :class:`Environment` subclass as ``env=name``, its
+    ``Options`` the settings of that config option."""
+
+    def add(cls: type[Environment]) -> type[Environment]:
+        return ENVIRONMENTS.register(name, cls.Options)(cls)
+
+    return add
 
 
 @dataclasses.dataclass
@@ -37,21 +71,20 @@ class StepResult:
 
 
 class Environment:
-    """Base class. Subclasses extend ``Options`` (a dataclass of the settings accepted
-    under ``env.options``), may set ``system_prompt``, and implement
-    :meth:`generate_row`, :meth:`reset`, :meth:`step`, :meth:`state_key` and
+    """Base class. Subclasses extend ``Options`` (an :class:`EnvSettings` dataclass of the
+    settings accepted under ``env``, checked by its ``check``), may set ``system_prompt``, and
+    implement :meth:`generate_row`, :meth:`reset`, :meth:`step`, :meth:`state_key` and
     :meth:`expert_action`."""
 
     system_prompt: str | None = None  # the conversation's system message, if any
 
-    @dataclasses.dataclass
-    class Options:
-        test_size: int = 200  # held-out instances (the test split); training rows never repeat one
-        seed: int = 0  # the data seed: instances, and which of them are held out
-        max_turns: int = 10  # an episode stops (truncated) after this many replies
+    Options = EnvSettings
 
     def __init__(self, options: Any = None):
-        self.options = options if isinstance(options, self.Options) else parse_options(self.Options, options or {})
+        if not isinstance(options, self.Options):
+            options = parse_options(self.Options, options or {})
+        check_settings(options, "env")
+        self.options = options
 
     def rows(self, split: str, size: int) -> list[dict[str, Any]]:
         """Instances of ``split`` ('train' or 'test'); see :func:`split_rows`."""
@@ -83,20 +116,43 @@ class Environment:
         return total_reward > 0.5
 
 
-def parse_options(options_cls: type, values: dict[str, Any]):
-    """An environment's options dataclass from ``env.options``, rejecting unknown keys."""
-    known = {f.name for f in dataclasses.fields(options_cls)}
+def parse_options(options_cls: type, values: dict[str, Any], prefix: str = "env"):
+    """An environment's options dataclass from a dict of them, rejecting unknown keys."""
+    known = {f.name for f in dataclasses.fields(options_cls)} - {"name"}
     for key in values:
         if key not in known:
-            raise ConfigError(f"env.options.{key}: unknown option; valid: {', '.join(sorted(known)) or '(none)'}")
+            raise ConfigError(f"{prefix}.{key}: unknown option; valid: {', '.join(sorted(known)) or '(none)'}")
     return options_cls(**dict(values))
+
+
+@dataclasses.dataclass
+class CustomEnvSettings(Settings):
+    """``env=custom``: a user's own environment class and its options."""
+
+    fn: str = MISSING  # package.module:Class, a subclass of rlkit.envs.Environment importable here
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # that class's Options (+env.options.key=value)
+
+
+@ENVIRONMENTS.register("custom", CustomEnvSettings)
+def custom_environment(settings: CustomEnvSettings) -> Environment:
+    """The class ``env.fn`` with its options from ``env.options``."""
+    cls = resolve_environment(settings.fn)
+    options = parse_options(cls.Options, settings.options, "env.options")
+    check_settings(options, "env.options")
+    return cls(options)
+
+
+def make_environment(settings) -> Environment:
+    """The environment an ``env`` node (its settings dataclass) chooses."""
+    return ENVIRONMENTS.get(settings.name)(settings)
 
 
 def resolve_environment(spec: str) -> type[Environment]:
     """A registered name, or ``package.module:Class`` importable from the current environment."""
     if ":" not in spec:
-        if spec not in ENVIRONMENTS:
-            raise ConfigError(f"env.name='{spec}': unknown environment; valid: {', '.join(ENVIRONMENTS.names())}")
+        if spec not in ENVIRONMENTS or spec == "custom":
+            valid = ", ".join(name for name in ENVIRONMENTS.names() if name != "custom")
+            raise ConfigError(f"unknown environment '{spec}'; valid: {valid} (or package.module:Class)")
         return ENVIRONMENTS.get(spec)
     module_name, _, attr = spec.partition(":")
     try:
@@ -106,10 +162,13 @@ def resolve_environment(spec: str) -> type[Environment]:
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise ConfigError(f"env.fn='{spec}': '{attr}' in '{module_name}' is not a subclass of rlkit.envs.Environment")
+    if not issubclass(cls.Options, EnvSettings):
+        raise ConfigError(f"env.fn='{spec}': its Options must extend rlkit.envs.Environment.Options")
     return cls
 
 
 def build_environment(spec: str, options: dict[str, Any] | None = None) -> Environment:
+    """An environment by registered name or ``package.module:Class``, with options given as a dict."""
     return resolve_environment(spec)(options)
 
 
@@ -141,7 +200,7 @@ def split_rows(env: Environment, split: str, size: int) -> list[dict[str, Any]]:
         if instance_key(row) not in test:
             train.append(row)
     if size and not train:
-        raise ConfigError("env.options.test_size: every instance is in the test split; make instances larger")
+        raise ConfigError("env.test_size: every instance is in the test split; make instances larger")
     return train
 
 

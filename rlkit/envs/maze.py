@@ -13,14 +13,13 @@ import random
 import re
 from collections import deque
 
-from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
-from rlkit.settings import ConfigError
+from rlkit.envs.base import Environment, StepResult, register_environment
 
 MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 MOVE_PATTERN = re.compile(r"\b(north|south|east|west)\b")
 
 
-@ENVIRONMENTS.register("maze")
+@register_environment("maze")
 class MazeEnv(Environment):
     system_prompt = "Walk the maze to the goal. Reply with one move: north, south, east or west."
 
@@ -32,15 +31,16 @@ class MazeEnv(Environment):
         step_penalty: float = 0.0  # reward of each move that does not reach the goal is -step_penalty
         max_turns: int = 12
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        o = self.options
-        if o.size < 2 or not 0 <= o.wall_density <= 0.5:
-            raise ConfigError("env.options: the maze needs size >= 2 and 0 <= wall_density <= 0.5")
-        if not 1 <= o.min_distance <= 2 * (o.size - 1):
-            raise ConfigError(
-                f"env.options.min_distance={o.min_distance}: must be in 1..{2 * (o.size - 1)} for size {o.size}"
+        def check(self) -> None:
+            super().check()
+            self.require(self.size >= 2, "size", "must be at least 2")
+            self.require(0 <= self.wall_density <= 0.5, "wall_density", "must be in [0, 0.5]")
+            self.require(
+                1 <= self.min_distance <= 2 * (self.size - 1),
+                "min_distance",
+                f"must be in 1..{2 * (self.size - 1)} for size {self.size}",
             )
+            self.require_non_negative("step_penalty")
 
     def generate_row(self, rng: random.Random) -> dict:
         n = self.options.size

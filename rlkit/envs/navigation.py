@@ -14,15 +14,14 @@ import random
 import re
 from collections import deque
 
-from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
-from rlkit.settings import ConfigError
+from rlkit.envs.base import Environment, StepResult, register_environment
 
 ROOMS = ["kitchen", "hall", "bedroom", "bathroom", "garden", "study", "cellar", "attic", "garage", "library"]
 ITEMS = ["key", "book", "lamp", "cup", "ball", "coin", "hat", "box"]
 COMMAND = re.compile(r"\b(go|take|drop)\s+(?:to\s+|the\s+)*([a-z]+)")
 
 
-@ENVIRONMENTS.register("navigation")
+@register_environment("navigation")
 class NavigationEnv(Environment):
     system_prompt = "Do the task. Commands: go <room>, take <object>, drop <object>."
 
@@ -33,13 +32,11 @@ class NavigationEnv(Environment):
         extra_doors: int = 1  # doors beyond a spanning tree (loops)
         max_turns: int = 16
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        o = self.options
-        if not 2 <= o.rooms <= len(ROOMS) or not 1 <= o.items <= len(ITEMS) or o.extra_doors < 0:
-            raise ConfigError(
-                f"env.options: need 2 <= rooms <= {len(ROOMS)}, 1 <= items <= {len(ITEMS)}, extra_doors >= 0"
-            )
+        def check(self) -> None:
+            super().check()
+            self.require(2 <= self.rooms <= len(ROOMS), "rooms", f"must be in 2..{len(ROOMS)}")
+            self.require(1 <= self.items <= len(ITEMS), "items", f"must be in 1..{len(ITEMS)}")
+            self.require_non_negative("extra_doors")
 
     def generate_row(self, rng: random.Random) -> dict:
         rooms = rng.sample(ROOMS, self.options.rooms)

@@ -17,7 +17,7 @@ import dataclasses
 import random
 import re
 
-from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
+from rlkit.envs.base import Environment, StepResult, register_environment
 from rlkit.envs.tools import TOOLS, calculator, format_tool_call, has_tool_call, run_tool_calls
 from rlkit.rewards.math import answers_match, extract_answer
 from rlkit.settings import ConfigError
@@ -25,7 +25,7 @@ from rlkit.settings import ConfigError
 ANNOTATION = re.compile(r"<<([^=<>]+)=[^<>]*>>")
 
 
-@ENVIRONMENTS.register("tool_arith")
+@register_environment("tool_arith")
 class ToolArithmeticEnv(Environment):
     @dataclasses.dataclass
     class Options(Environment.Options):
@@ -38,16 +38,24 @@ class ToolArithmeticEnv(Environment):
         gsm8k_path: str | None = None  # a directory with GSM8K's train.jsonl and test.jsonl: use its rows instead
         max_turns: int = 4
 
+        def check(self) -> None:
+            super().check()
+            self.require(self.operands >= 2, "operands", "must be at least 2")
+            self.require(1 <= self.min_digits <= self.max_digits, "max_digits", "need 1 <= min_digits <= max_digits")
+            self.require(
+                bool(self.operators) and not set(self.operators) - set("+-*"), "operators", "use characters from '+-*'"
+            )
+            unknown = [name for name in tool_names(self.tools) if name not in TOOLS]
+            self.require(
+                not unknown,
+                "tools",
+                f"unknown tool '{unknown[0] if unknown else ''}'; valid: {', '.join(TOOLS.names())}",
+            )
+            self.require_positive("tool_timeout")
+
     def __init__(self, options=None):
         super().__init__(options)
-        o = self.options
-        if o.operands < 2 or not 1 <= o.min_digits <= o.max_digits or not o.operators or set(o.operators) - set("+-*"):
-            raise ConfigError("env.options: need operands >= 2, 1 <= min_digits <= max_digits, operators from '+-*'")
-        names = [name.strip() for name in o.tools.split(",") if name.strip()]
-        unknown = [name for name in names if name not in TOOLS]
-        if unknown:
-            raise ConfigError(f"env.options.tools: unknown tool '{unknown[0]}'; valid: {', '.join(TOOLS.names())}")
-        self.tools = {name: TOOLS.get(name) for name in names}
+        self.tools = {name: TOOLS.get(name) for name in tool_names(self.options.tools)}
 
     @property
     def system_prompt(self) -> str:
@@ -79,7 +87,7 @@ class ToolArithmeticEnv(Environment):
 
         path = split_file(self.options.gsm8k_path, split)
         if path is None:
-            raise ConfigError(f"env.options.gsm8k_path='{self.options.gsm8k_path}': no {split}.jsonl there")
+            raise ConfigError(f"env.gsm8k_path='{self.options.gsm8k_path}': no {split}.jsonl there")
         data = read_json(path)
         return [
             {
@@ -115,3 +123,8 @@ class ToolArithmeticEnv(Environment):
         if "calculator" in self.tools and len(self.responses) < len(steps):
             return format_tool_call("calculator", expression=steps[len(self.responses)].strip())
         return f"#### {self.row['answer']}"
+
+
+def tool_names(tools: str) -> list[str]:
+    """The comma-separated tool names of ``tools`` ("" : none)."""
+    return [name.strip() for name in tools.split(",") if name.strip()]

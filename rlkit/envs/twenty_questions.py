@@ -13,8 +13,7 @@ import dataclasses
 import random
 import re
 
-from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
-from rlkit.settings import ConfigError
+from rlkit.envs.base import Environment, StepResult, register_environment
 
 # attribute -> (the expert's question, the pattern the oracle recognises it by)
 QUESTIONS = {
@@ -81,7 +80,7 @@ OBJECTS = {
 GUESS_PATTERN = re.compile(r"\b(" + "|".join(sorted(OBJECTS, key=len, reverse=True)) + r")\b")
 
 
-@ENVIRONMENTS.register("twenty_questions")
+@register_environment("twenty_questions")
 class TwentyQuestionsEnv(Environment):
     system_prompt = "I think of one of the objects. Ask yes/no questions, then guess: Is it a ...?"
 
@@ -90,10 +89,9 @@ class TwentyQuestionsEnv(Environment):
         candidates: int = 8  # objects named in the first observation, the secret among them
         max_turns: int = 10
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        if not 2 <= self.options.candidates <= len(OBJECTS):
-            raise ConfigError(f"env.options.candidates={self.options.candidates}: must be in 2..{len(OBJECTS)}")
+        def check(self) -> None:
+            super().check()
+            self.require(2 <= self.candidates <= len(OBJECTS), "candidates", f"must be in 2..{len(OBJECTS)}")
 
     def generate_row(self, rng: random.Random) -> dict:
         candidates = sorted(rng.sample(sorted(OBJECTS), self.options.candidates))

@@ -14,8 +14,7 @@ import random
 import re
 from collections import Counter
 
-from rlkit.envs.base import ENVIRONMENTS, Environment, StepResult
-from rlkit.settings import ConfigError
+from rlkit.envs.base import Environment, StepResult, register_environment
 
 WORD_LIST = """
     about above actor acute admit adopt adult after again agent agree ahead alarm album alert alike alive allow
@@ -50,7 +49,7 @@ WORDS = WORD_LIST.split()
 WORD_PATTERN = re.compile(r"\b[a-z]{5}\b")
 
 
-@ENVIRONMENTS.register("wordle")
+@register_environment("wordle")
 class WordleEnv(Environment):
     system_prompt = "Guess the 5-letter word. G: right place. Y: wrong place. -: not in the word."
 
@@ -61,11 +60,15 @@ class WordleEnv(Environment):
         test_size: int = 100
         max_turns: int = 8  # replies, invalid ones included
 
+        def check(self) -> None:
+            super().check()
+            size = self.vocabulary
+            self.require(size == 0 or 2 <= size <= len(WORDS), "vocabulary", f"use 0 (all) or 2..{len(WORDS)}")
+            self.require_at_least_one("max_guesses")
+
     def __init__(self, options=None):
         super().__init__(options)
         size = self.options.vocabulary
-        if not 0 <= size <= len(WORDS) or 0 < size < 2:
-            raise ConfigError(f"env.options.vocabulary={size}: use 0 (all) or 2..{len(WORDS)}")
         self.words = sorted(random.Random(0).sample(WORDS, size)) if size else WORDS
         self.known = set(self.words)
 

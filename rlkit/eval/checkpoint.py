@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rlkit.checkpoint import CONFIG_FILE, DamagedCheckpoint, verify_checkpoint
 from rlkit.config import ConfigError, typed_config
 from rlkit.engine import init_distributed, is_main_process
-from rlkit.eval.generation import evaluate_model
+from rlkit.eval import evaluate_policy
 from rlkit.eval.report import Report
 from rlkit.run import build_run, load_model, seed_everything
 from rlkit.validate import validate
@@ -63,7 +63,7 @@ def evaluate_checkpoint(args: list[str]) -> dict:
     model.eval()
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         step = json.load(f)["step"]
-    result = evaluate_model(run, model, run.max_new_tokens)
+    result = evaluate_policy(run, model)
     if is_main_process():
         report = Report(
             output_dir,

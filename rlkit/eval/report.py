@@ -167,13 +167,26 @@ def render_markdown(summary: dict, evaluations: list[dict], plots: list[str]) ->
             for e in evaluations
         ]
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-        lines += ["", f"## Sample completions ({last['label']}, greedy)", ""]
-        for sample in last.get("samples", []):
-            mark = "correct" if sample["correct"] else "wrong"
-            lines += [
-                f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer {sample['answer']}, {mark})"
-            ]
+        lines += sample_lines(last)
     return "\n".join(lines) + "\n"
+
+
+def sample_lines(evaluation: dict) -> list[str]:
+    """The evaluation's greedy samples: one line per completion, or an environment task's
+    episodes turn by turn (samples with a ``transcript``)."""
+    samples = evaluation.get("samples", [])
+    if samples and "transcript" in samples[0]:
+        lines = ["", f"## Sample episodes ({evaluation['label']}, greedy)", ""]
+        for sample in samples:
+            lines += [sample["transcript"], ""]
+        return lines
+    lines = ["", f"## Sample completions ({evaluation['label']}, greedy)", ""]
+    for sample in samples:
+        mark = "correct" if sample["correct"] else "wrong"
+        lines += [
+            f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer {sample['answer']}, {mark})"
+        ]
+    return lines
 
 
 def _inline(text: str, limit: int = 300) -> str:

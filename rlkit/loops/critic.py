@@ -67,11 +67,11 @@ class LearnedValues(ValueSource):
             token_values(self.engine, rollout.sequences[i : i + micro], rollout.attention_mask[i : i + micro], width)
             for i in range(0, len(rollout), micro)
         ]
-        return torch.cat(parts) * rollout.response_mask
+        return torch.cat(parts) * rollout.sampled_mask
 
     def loss(self, rollout, returns, old_values, index, counts, stats) -> torch.Tensor:
         """The aggregated value loss of rows ``index`` (normalised by the minibatch's global counts)."""
-        mask = rollout.response_mask[index]
+        mask = rollout.sampled_mask[index]
         values = token_values(
             self.engine, rollout.sequences[index], rollout.attention_mask[index], rollout.response_ids.shape[1]
         )

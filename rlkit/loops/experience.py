@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from rlkit.algos.masked import group_stats
+from rlkit.algos.multi_turn import turn_rewards_to_tokens
 from rlkit.rollout.generate import Rollout
 
 
@@ -15,8 +16,11 @@ class Experience:
     """Sampled responses of whole groups (the samples of one prompt adjacent) and their rewards,
     extended stage by stage: log-probs, values, rewards per token, advantages.
 
-    rows / prompts / completions / scores: one entry per sample (``scores``: the weighted reward total).
+    rows / prompts / completions / scores: one entry per sample (``scores``: the weighted reward total,
+    or an episode's return).
     reward_terms: each reward term's score per sample.
+    episodes: for an environment task, each sample's multi-turn episode (:class:`rlkit.envs.episodes.Episode`:
+    its turns, their rewards and state keys); the response is everything after the opening prompt.
     The tensors are (B, T) over response tokens, (B,) for ``baseline_scores`` and
     ``bootstrap_values``; a stage that does not apply leaves its field None.
     """
@@ -28,6 +32,7 @@ class Experience:
     scores: list[float]
     reward_terms: dict[str, list[float]]
     group_size: int
+    episodes: list | None = None
     old_log_probs: torch.Tensor | None = None  # under the policy that sampled (pi_old), recomputed by the trainer
     ref_log_probs: torch.Tensor | None = None  # under the frozen reference policy
     values: torch.Tensor | None = None  # V(s_t) from the value source (critic or Monte-Carlo)
@@ -53,7 +58,41 @@ class Experience:
 
     @property
     def response_mask(self) -> torch.Tensor:
-        return self.rollout.response_mask
+        """(B, T) 1 on the response tokens the policy sampled: what the loss, KL and advantages
+        cover (a multi-turn episode's observation tokens are part of the response, not of this)."""
+        return self.rollout.sampled_mask
+
+    @property
+    def turn_index(self) -> torch.Tensor | None:
+        """(B, T) the turn of each response token (episodes only)."""
+        if self.episodes is None:
+            return None
+        width = self.rollout.response_ids.shape[1]
+        rows = [e.turn_index[e.prompt_length :] for e in self.episodes]
+        return torch.tensor([row + [0] * (width - len(row)) for row in rows], device=self.response_mask.device)
+
+    @property
+    def turn_rewards(self) -> list[list[float]] | None:
+        return None if self.episodes is None else [e.rewards for e in self.episodes]
+
+    @property
+    def state_keys(self) -> list[list] | None:
+        return None if self.episodes is None else [e.state_keys for e in self.episodes]
+
+    def reward_tokens(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, T) each sample's score on its last sampled token; an episode's rewards each on the
+        last token of its own turn instead, the difference between its (normalised) score and its
+        return on its last token, so that every episode's token rewards still sum to its score."""
+        mask = self.response_mask
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # the last sampled token of each row
+        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=scores.device)
+        rows = torch.arange(len(scores), device=scores.device)
+        rewards[rows, last] = scores
+        if self.episodes is not None:
+            returns = torch.tensor([e.total_reward for e in self.episodes], dtype=torch.float32, device=scores.device)
+            rewards[rows, last] -= returns
+            rewards += turn_rewards_to_tokens(self.turn_rewards, self.turn_index, mask).to(scores.device)
+        return rewards
 
     def samples(self) -> list[dict]:
         """Rows of the completions table."""
@@ -74,6 +113,7 @@ class Experience:
             scores=pick(self.scores),
             reward_terms={k: pick(v) for k, v in self.reward_terms.items()},
             group_size=self.group_size,
+            episodes=None if self.episodes is None else pick(self.episodes),
         )
 
     def first_groups(self, count: int) -> Experience:
@@ -100,4 +140,5 @@ class Experience:
             scores=join("scores"),
             reward_terms={k: [v for p in parts for v in p.reward_terms[k]] for k in parts[0].reward_terms},
             group_size=parts[0].group_size,
+            episodes=None if parts[0].episodes is None else join("episodes"),
         )

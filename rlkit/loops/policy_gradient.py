@@ -7,6 +7,9 @@ One step is a sequence of stages over one :class:`~rlkit.loops.experience.Experi
 
 Which backend, filter, correction, value source, estimator, loss, aggregation and KL are used is config
 (each a registered component with its own settings); this file never branches on an algorithm.
+The task chooses the sample stage (rlkit/loops/sampling.py): single responses scored by the
+reward, or multi-turn episodes with an environment (rlkit/loops/episodes.py), whose response
+is everything after the opening prompt with only the sampled tokens in the loss.
 Loops that change a stage (T-PPO's windows, NLPO's masked action space) subclass this one and
 override that stage.
 """
@@ -20,6 +23,7 @@ import torch
 from omegaconf import MISSING
 
 from rlkit.algos import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, AdvantageInputs
+from rlkit.algos.advantages import EPISODE_INPUTS
 from rlkit.algos.kl import KLSettings, adaptive_kl_coef
 from rlkit.algos.masked import explained_variance, group_stats, masked_mean
 from rlkit.algos.policy_losses import optional_inputs
@@ -29,6 +33,7 @@ from rlkit.engine import all_gather_objects, all_reduce_sum
 from rlkit.loops.experience import Experience
 from rlkit.loops.group_filters import GROUP_FILTERS
 from rlkit.loops.registry import LOOPS, Loop, LoopSettings, SamplingSettings
+from rlkit.loops.sampling import SAMPLE_STAGES
 from rlkit.loops.update import PolicyUpdate
 from rlkit.loops.values import VALUE_SOURCES
 from rlkit.metrics import mean_std
@@ -60,7 +65,8 @@ class PolicyGradientSettings(LoopSettings):
         self.require_choice("loss_agg", LOSS_AGGREGATIONS.names())
         self.require_choice("reward_norm", ("none", "batch", "running"))
         estimator = ADVANTAGE_ESTIMATORS.get(self.advantage.name)
-        reads, provided = set(getattr(estimator, "inputs", ())), set(VALUE_SOURCES.get(self.value_source.name).provides)
+        reads = set(getattr(estimator, "inputs", ())) - set(EPISODE_INPUTS)  # episodes: the sample stage's
+        provided = set(VALUE_SOURCES.get(self.value_source.name).provides)
         self.require(
             reads == provided,
             "value_source",
@@ -110,6 +116,7 @@ class PolicyGradientLoop(Loop):
             total_steps=self.optimizer_steps,
         )
         self.rollout = build_rollout(run, self.engine.module, s.sampling)
+        self.sample_stage = SAMPLE_STAGES.get(run.task.samples)(self)
         self.value_source = value_source_cls(self, s.value_source, reference_source)
         self.filter_groups = GROUP_FILTERS.get(s.group_filter.name)
         self.policy_loss_fn = POLICY_LOSSES.get(s.policy_loss.name)
@@ -131,6 +138,11 @@ class PolicyGradientLoop(Loop):
             or (self.reference is not None and s.kl.placement == "reward")
             or self.compares_behaviour
         )
+
+    @property
+    def horizon(self) -> int:
+        """The most sampled tokens one response may hold (the sample stage says)."""
+        return self.sample_stage.horizon
 
     def minibatch_size_global(self) -> int:
         """Samples per optimizer step over all processes."""
@@ -159,7 +171,7 @@ class PolicyGradientLoop(Loop):
         """Sample and score a batch of groups; the group filter may replace some (DAPO)."""
         prompts_global = self.run.cfg.trainer.prompts_per_step_global
         batch = self.sample(self.next_rows(prompts_global), timer)
-        metrics = rollout_metrics(batch)
+        metrics = {**rollout_metrics(batch), **self.sample_stage.metrics(batch)}
         batch, filter_metrics = self.filter_groups(
             batch,
             lambda: self.sample(self.next_rows(prompts_global), timer),
@@ -173,22 +185,8 @@ class PolicyGradientLoop(Loop):
         return batch, metrics
 
     def sample(self, rows: list[dict], timer) -> Experience:
-        """``group_size`` responses to each row's prompt from the rollout backend, scored by the reward."""
-        run, size = self.run, self.settings.group_size
-        prompts = run.prompts(rows)
-        with timer.phase("rollout"):
-            rollout = self.rollout.sample(
-                run.encode(prompts),
-                num_samples=size,
-                max_new_tokens=run.max_new_tokens,
-                logits_processor=self.rollout_logits_processor(),
-            )
-        with timer.phase("reward"):
-            sample_rows, sample_prompts = repeat(rows, size), repeat(prompts, size)
-            completions, totals, per_term = run.score(sample_rows, sample_prompts, rollout.completion_ids())
-        return Experience(
-            sample_rows, sample_prompts, rollout.to(self.engine.device), completions, totals, per_term, size
-        )
+        """``group_size`` samples of each row, rewarded: the task's sample stage (responses or episodes)."""
+        return self.sample_stage.sample(rows, timer)
 
     def score_tokens(self, batch: Experience) -> None:
         """Log-probs of the sampled tokens under the sampling policy (when the update needs them
@@ -221,6 +219,8 @@ class PolicyGradientLoop(Loop):
             baseline_scores=batch.baseline_scores,
             step_ids=batch.step_ids,
             bootstrap_values=batch.bootstrap_values,
+            turn_index=batch.turn_index,
+            state_keys=batch.state_keys,
         )
         batch.advantages, batch.returns = self.advantage_fn(inputs, self.settings.advantage)
 
@@ -258,14 +258,12 @@ class PolicyGradientLoop(Loop):
         )
 
     def token_rewards(self, scores: torch.Tensor, batch: Experience) -> torch.Tensor:
-        """The score on each response's last token, minus ``beta * KL`` per token
-        when the KL penalty is placed in the reward."""
-        mask = batch.response_mask
-        last = (mask.sum(-1) - 1).clamp(min=0)
-        rewards = torch.zeros(mask.shape, dtype=torch.float32, device=scores.device)
-        rewards[torch.arange(len(scores)), last] = scores
+        """The scores placed on the responses' tokens (:meth:`Experience.reward_tokens`: an
+        episode's rewards on the ends of their turns), minus ``beta * KL`` per token when the KL
+        penalty is placed in the reward."""
+        rewards = batch.reward_tokens(scores)
         if batch.ref_log_probs is not None and self.settings.kl.placement == "reward":
-            rewards -= self.kl_coef * self.kl_fn(batch.old_log_probs, batch.ref_log_probs) * mask
+            rewards -= self.kl_coef * self.kl_fn(batch.old_log_probs, batch.ref_log_probs) * batch.response_mask
         return rewards
 
     def normalised_scores(self, scores: torch.Tensor) -> torch.Tensor:
@@ -317,11 +315,6 @@ def build_rollout(run, model, sampling: SamplingSettings):
     return ROLLOUTS.get(settings.name)(settings, model=model, tokenizer=run.tokenizer, sampling=sampling)
 
 
-def repeat(values: list, times: int) -> list:
-    """Each value ``times`` times in a row (one per sample of its group)."""
-    return [v for v in values for _ in range(times)]
-
-
 def batch_metrics(batch: Experience) -> dict[str, float]:
     metrics = {"advantages/abs_mean": float(masked_mean(batch.advantages.abs(), batch.response_mask))}
     if batch.values is not None:
@@ -366,7 +359,7 @@ def rollout_metrics(batch: Experience) -> dict[str, float]:
     local = {
         "totals": batch.scores,
         "terms": batch.reward_terms,
-        "lengths": batch.rollout.response_lengths.tolist(),
+        "lengths": batch.response_mask.sum(-1).tolist(),  # sampled tokens (an episode's observations left out)
         "truncated": batch.rollout.truncated.tolist(),
         "zero_var": (group_std == 0).float().tolist(),
     }

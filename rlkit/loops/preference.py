@@ -24,8 +24,9 @@ from rlkit.algos.preference_losses import (
 )
 from rlkit.algos.selection import RESPONSE_SELECTIONS
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
-from rlkit.loops.policy_gradient import build_rollout, repeat
+from rlkit.loops.policy_gradient import build_rollout
 from rlkit.loops.registry import LOOPS, Loop, LoopSettings, SamplingSettings
+from rlkit.loops.sampling import repeat
 from rlkit.metrics import mean_std
 from rlkit.models.sequences import encode_response_sets, pad_rows, score_response_sets, sequence_log_probs
 from rlkit.run import load_frozen, make_engine

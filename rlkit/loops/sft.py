@@ -1,11 +1,11 @@
-"""Supervised fine-tuning on the task's reference solutions (``algo=sft``, and
-the warm start that gives a random model a first non-zero reward)."""
+"""Supervised fine-tuning on the task's reference solutions, or an environment task's expert
+episodes (``algo=sft``, and the warm start that gives a random model a first non-zero reward)."""
 
 from __future__ import annotations
 
 from rlkit.engine import all_reduce_sum, optimizer_step, split_micro_batches
 from rlkit.loops.registry import LOOPS, Loop, LoopSettings, OptimSettings
-from rlkit.models.sequences import supervised_batch, token_nll
+from rlkit.models.sequences import token_nll
 from rlkit.run import make_engine
 
 
@@ -41,9 +41,7 @@ class SFTLoop(Loop):
         run = self.run
         with timer.phase("data"):
             rows = self.next_rows(self.batch_size_global)
-            batch = supervised_batch(
-                run.tokenizer, run.prompts(rows), [r["solution"] for r in rows], self.engine.device
-            )
+            batch = run.task.supervised_batch(run, rows, self.engine.device)
             num_tokens = all_reduce_sum(float(batch["loss_mask"].sum()))
         losses = []
 

@@ -89,7 +89,7 @@ class PolicyUpdate:
         """The minibatch's global token and sequence counts and the length cap: the aggregation's normalisers."""
         kept = self.batch.kept
         sequences = len(minibatch) * world_size() if kept is None else all_reduce_sum(float(kept[minibatch].sum()))
-        return all_reduce_sum(float(self.mask[minibatch].sum())), sequences, self.loop.run.max_new_tokens
+        return all_reduce_sum(float(self.mask[minibatch].sum())), sequences, self.loop.horizon
 
     def engine_loss(self, index: torch.Tensor, counts, train_policy: bool):
         loss = self.policy_loss(index, counts) if train_policy else 0.0

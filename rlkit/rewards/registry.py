@@ -156,6 +156,17 @@ def first_failure(scores: list[float | None], errors: list[BaseException]) -> st
     return next(f"returned {s}" for s in scores if s is None or not math.isfinite(s))
 
 
+class EnvironmentRewards:
+    """``reward=env``: an environment task's environment rewards each turn as it steps (rlkit/envs);
+    no reward function is called and none fails."""
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError("reward=env: an environment task's rewards come from its environment, not from responses")
+
+    def pop_failures(self) -> dict[str, int]:
+        return {}
+
+
 def build_reward(reward_cfg) -> CompositeReward:
     """From the ``reward`` config node: ``fn`` alone if given, else the weighted ``terms``."""
     if reward_cfg.fn:

@@ -22,7 +22,8 @@ class Rollout:
     EOS within ``max_new_tokens`` is ``truncated``. ``log_probs`` are the behaviour
     log-probs: each sampled token's log-prob under the distribution it was drawn from
     (temperature, top-p and any logits processor applied), 0 on padding; None for greedy
-    decoding.
+    decoding. ``loss_mask`` marks the response tokens the policy sampled where that is not all
+    of them (a multi-turn episode's observations are not); None: every response token was.
     """
 
     prompt_ids: torch.Tensor  # (B, P)
@@ -31,6 +32,12 @@ class Rollout:
     response_mask: torch.Tensor  # (B, T)
     truncated: torch.Tensor  # (B,) bool
     log_probs: torch.Tensor | None = None  # (B, T) float32
+    loss_mask: torch.Tensor | None = None  # (B, T) 1 on sampled tokens; None: response_mask
+
+    @property
+    def sampled_mask(self) -> torch.Tensor:
+        """1 on the response tokens the policy sampled: what losses, KL and advantages cover."""
+        return self.response_mask if self.loss_mask is None else self.loss_mask
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -78,6 +85,9 @@ class Rollout:
             log_probs=None
             if any(p.log_probs is None for p in parts)
             else torch.cat([right(p.log_probs, 0.0) for p in parts]),
+            loss_mask=None
+            if all(p.loss_mask is None for p in parts)
+            else torch.cat([right(p.sampled_mask, 0) for p in parts]),
         )
 
 

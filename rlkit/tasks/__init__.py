@@ -5,6 +5,7 @@ from rlkit.tasks import (  # noqa: F401  (register the tasks)  # noqa: F401  (re
     arith,
     code,
     competition_math,
+    environment,  # registers the environment task (task=maze, ..., task=env)
     gsm8k,
     preference,  # noqa: F401  (registers hh, preference, ranking)
     sentiment,

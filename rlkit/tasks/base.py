@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
+import torch
 
+from rlkit.models.sequences import supervised_batch
 from rlkit.registry import Registry
 from rlkit.settings import ConfigError
 
@@ -19,9 +22,14 @@ class Task:
     """A dataset adapter. Subclasses set ``Options`` (a dataclass of the knobs
     accepted under ``task.options``) and implement :meth:`load_split`.
     ``evaluation`` names how :mod:`rlkit.eval` evaluates the task: ``generation``
-    (greedy and sampled completions, verified) or ``pairs`` (held-out preference pairs)."""
+    (greedy and sampled completions, verified), ``pairs`` (held-out preference pairs) or
+    ``episodes`` (held-out environment instances played turn by turn). ``samples`` names the
+    policy-gradient loop's sample stage for it (rlkit/loops/sampling.py): ``responses`` (one
+    response per sample, scored by the reward) or ``episodes`` (multi-turn, rewarded by an environment)."""
 
     evaluation = "generation"
+    samples = "responses"
+    chat_template: str | None = None  # given to a tokenizer trained here (the tiny model's), when the task needs one
 
     @dataclasses.dataclass
     class Options:
@@ -45,14 +53,27 @@ class Task:
         summaries), reported beside accuracy and reward."""
         return {}
 
+    def corpus(self, rows) -> Iterator[str]:
+        """The text of ``rows`` that the tiny model's tokenizer is trained on."""
+        return (f"{row['question']}\n{row['solution']}" for row in rows)
+
+    def supervised_batch(self, run, rows: list[dict], device) -> dict[str, torch.Tensor]:
+        """Supervised examples of ``rows`` (SFT, the warm start): each formatted prompt and its
+        reference solution, the loss on the solution (:func:`rlkit.models.sequences.supervised_batch`)."""
+        return supervised_batch(run.tokenizer, run.prompts(rows), [row["solution"] for row in rows], device)
+
     def split(self, split: str) -> datasets.Dataset:
         rows = self.load_split(split)
         if len(rows) == 0:
             raise ConfigError(f"task {self.cfg.name}: the {split} split has no usable rows (task.path={self.cfg.path})")
         if split == "train" and self.cfg.max_train_rows:
             rows = rows.select(range(min(self.cfg.max_train_rows, len(rows))))
-        user_message(rows[0], self.cfg)  # a template naming a column the rows lack fails now, not at the first rollout
+        self.check_row(rows[0])
         return rows
+
+    def check_row(self, row: dict[str, Any]) -> None:
+        """Fail now, not at the first rollout, when ``task.prompt_template`` names a column the rows lack."""
+        user_message(row, self.cfg)
 
 
 def parse_options(options_cls: type, values: dict[str, Any]):
@@ -87,8 +108,10 @@ def describe_type(annotation) -> str:
     return " or ".join(names.get(t, getattr(t, "__name__", str(t))) for t in type_options(annotation))
 
 
-def build_task(task_cfg) -> Task:
-    return TASKS.get(task_cfg.name)(task_cfg)
+def build_task(task_cfg, env_settings=None) -> Task:
+    """The task ``task_cfg`` names; an environment task also takes the ``env`` node's settings."""
+    cls = TASKS.get(task_cfg.name)
+    return cls(task_cfg) if env_settings is None else cls(task_cfg, env_settings)
 
 
 def user_message(row: dict[str, Any], task_cfg) -> str:
