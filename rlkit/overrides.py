@@ -88,10 +88,18 @@ def explain(error: Exception, overrides: list[str]) -> str:
     return message.strip().splitlines()[0]
 
 
+def without(overrides: list[str], key: str) -> list[str]:
+    """The overrides that set neither ``key`` nor anything under it."""
+    return [o for o in overrides if not o.lstrip("+").startswith((f"{key}=", f"{key}."))]
+
+
 def unknown_setting(full_key: str, overrides: list[str]) -> str:
     """``algo.advantage.foo: advantage estimator 'grpo' has no setting 'foo'; its settings: norm_by_std, eps``."""
     parent, _, key = full_key.rpartition(".")
-    cfg = compose([o for o in overrides if not o.lstrip("+").startswith((f"{full_key}=", f"{full_key}."))])
+    try:
+        cfg = compose(without(overrides, full_key))
+    except Exception:  # noqa: BLE001  (another unknown setting of the same node: show the node as composed)
+        cfg = compose(without(overrides, parent))
     node = OmegaConf.select(cfg, parent) if parent else cfg
     registry = next((r for r in GROUPS.values() if r.key == parent), None)
     names = [name for name in node if registry is None or name != registry.name_field]

@@ -93,6 +93,7 @@ def test_the_env_node_holds_the_environments_settings(compose_config):
 BAD = [
     (("env=maze",), "env: only an environment task has an env node; choose one with task=<name> (maze,"),
     (("task=maze", "env.sise=3"), "env.sise: environment 'maze' has no setting 'sise'; its settings: max_turns,"),
+    (("task=maze", "env.sise=3", "env.sice=4"), "env.si"),  # two unknown settings of one node: still one line
     (("task=maze", "env.size=1"), "env.size=1: must be at least 2"),
     (("task=maze", "env=mase"), "env=mase: unknown option of group env; valid: custom, maze,"),
     (("task=maze", "env.max_turns=0"), "env.max_turns=0: must be at least 1"),

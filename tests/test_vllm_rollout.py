@@ -144,11 +144,11 @@ def test_what_the_engine_cannot_serve_is_refused_in_one_line(config_error, overr
     assert error is not None and "\n" not in error and re.search(message, error), error
 
 
-def vllm_run_overrides(*changes: str) -> list[str]:
+def vllm_run_overrides(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
     return [
         "rollout=vllm",
         "rollout.kv_cache_gib=0.0625",
-        *fast_overrides(*VLLM_MODEL, "trainer.eval_every=0", "eval.num_examples=8", *changes),
+        *fast_overrides(*VLLM_MODEL, "trainer.eval_every=0", "eval.num_examples=8", *changes, drop=drop),
     ]
 
 
@@ -227,4 +227,19 @@ def test_two_zero2_processes_each_sync_their_engine(tmp_path: Path):
     rlkit(["train", *overrides, "hardware.zero_stage=2", "hardware.num_procs=2", "run_name=two"], tmp_path).check()
     records = train_records(tmp_path / "outputs" / "two")
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert_engine_in_sync(records)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_multi_turn_environment_samples_its_episodes_through_the_engine(tmp_path: Path):
+    """task=maze algo=gigpo with rollout=vllm: every turn's reply comes from the engine, and the
+    trainer's log-probs of the sampled tokens (observations between them left out) match the engine's."""
+    maze = ("task=maze", "env.train_size=50", "env.test_size=8", "trainer.prompts_per_step_global=4")
+    arith = ("task.options.train_size", "task.options.test_size")
+    overrides = vllm_run_overrides(*maze, "algo=gigpo", "trainer.max_steps=2", "trainer.save_every=2", drop=arith)
+    rlkit(["train", *overrides, "run_name=maze"], tmp_path).check()
+    records = train_records(tmp_path / "outputs" / "maze")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["env/turns_mean"] >= 1 for r in records), records
     assert_engine_in_sync(records)
