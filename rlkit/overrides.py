@@ -83,7 +83,8 @@ def explain(error: Exception, overrides: list[str]) -> str:
             return f"{group}: not a config group of this config (see `rlkit train --cfg job`)"
         valid = ", ".join(registry.names())
         if not group.startswith("algo/"):  # env: an environment task's preset chooses it
-            return f"{group}: only an environment task has an {group} node; choose one with task=<name> ({ENVIRONMENT_TASK_PRESETS})"
+            tasks = ENVIRONMENT_TASK_PRESETS
+            return f"{group}: only an environment task has an {group} node; choose one with task=<name> ({tasks})"
         return f"{group}: this algo preset chooses no {registry.kind}; add one with +{group}=<name> (valid: {valid})"
     return message.strip().splitlines()[0]
 

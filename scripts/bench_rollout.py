@@ -177,7 +177,8 @@ def train_run(size: str, rollout: str, repeat: int, work: dict, args, env: dict)
     ]
     started = ENGINE_START.search(open(log_path).read())
     print(
-        f"  {label(size)} rollout={rollout} repeat {repeat}: median {statistics.median(s['step_s'] for s in steps):.3f} s/step"
+        f"  {label(size)} rollout={rollout} repeat {repeat}: median "
+        f"{statistics.median(s['step_s'] for s in steps):.3f} s/step"
     )
     return {
         "steps": steps,
@@ -241,7 +242,8 @@ def summary(results: list[dict], args) -> str:
     lines = [
         f"# Rollout: rlkit's sampler vs vLLM ({args.dtype}, {torch.get_num_threads()} threads)",
         "",
-        f"{cpu_description()}; torch {torch.__version__}; {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} new tokens; "
+        f"{cpu_description()}; torch {torch.__version__}; {PROMPTS} prompts x {GROUP} samples x {NEW_TOKENS} "
+        "new tokens; "
         f"{args.repeats} interleaved repeats (median, min-max).",
         "",
         "| model | system | rollout s | tokens/s | vLLM import s | engine start s | weight sync s |",

@@ -454,7 +454,8 @@ def cpu_description() -> str:
         else None
     )
     bf16 = ", native bf16" if torch.bfloat16 in onednn_dtypes() else ""
-    return f"{model or platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}{bf16}) x{os.cpu_count()}"
+    name = model or platform.processor() or platform.machine()
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()}{bf16}) x{os.cpu_count()}"
 
 
 MATMUL_BACKENDS = ("torch", "onednn")
@@ -599,7 +600,8 @@ def markdown(report: dict) -> str:
         f"Measured by `{bench_command(report)}` at rlkit {env['rlkit_git']} (torch {env['torch']}, "
         f"transformers {env['transformers']}); every timed step is in `bench.json` beside this file.",
         "",
-        f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new tokens, {c['dtype']}, "
+        f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new "
+        f"tokens, {c['dtype']}, "
         f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {env['threads']} threads on "
         f"{env['cpu']}. Spread: [min-max], IQR. Phases: medians in s.",
         "",
@@ -607,16 +609,20 @@ def markdown(report: dict) -> str:
     for size, r in report["sizes"].items():
         s, fl = r["summary"]["systems"], r["update_flops"]
         lines += [
-            f"## {size}: d={r['arch']['hidden_size']}, {r['arch']['num_layers']} layers, {r['arch']['num_heads']} heads, "
-            f"MLP {r['arch']['intermediate_size']}, vocab {r['arch']['vocab_size']} ({fl['non_embedding_params'] / 1e6:.2f}M non-embedding)",
+            f"## {size}: d={r['arch']['hidden_size']}, {r['arch']['num_layers']} layers, "
+            f"{r['arch']['num_heads']} heads, "
+            f"MLP {r['arch']['intermediate_size']}, vocab {r['arch']['vocab_size']} "
+            f"({fl['non_embedding_params'] / 1e6:.2f}M non-embedding)",
             "",
-            "| system | s/step median [min-max] IQR | tokens/s median [min-max] | rollout | reward | log-probs | advantages | update | other | peak RSS MiB | exact tokens |",
+            "| system | s/step median [min-max] IQR | tokens/s median [min-max] | rollout | reward | log-probs "
+            "| advantages | update | other | peak RSS MiB | exact tokens |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, x in s.items():
             st, tk, ph = x["step_s"], x["tokens_per_s"], x["phases_s"]
             lines.append(
-                f"| {name} | {st['median']:.3f} [{st['min']:.3f}-{st['max']:.3f}] {st['iqr']:.3f} | {tk['median']:.0f} [{tk['min']:.0f}-{tk['max']:.0f}] | "
+                f"| {name} | {st['median']:.3f} [{st['min']:.3f}-{st['max']:.3f}] {st['iqr']:.3f} | "
+                f"{tk['median']:.0f} [{tk['min']:.0f}-{tk['max']:.0f}] | "
                 + " | ".join(f"{ph[p]:.3f}" if p in ph else "-" for p in PHASES)
                 + f" | {x['other_s']:.3f} | {x['peak_rss_mib']:.0f} | {x['exact_tokens']} |"
             )
@@ -625,14 +631,18 @@ def markdown(report: dict) -> str:
         ]
         lines += [
             "",
-            f"Update FLOPs of all {ROWS} rows: {fl['total'] / 1e9:.3f} G with one prompt pass per group (matmul {fl['matmul'] / 1e9:.3f}, "
-            f"lm_head {fl['lm_head'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}); {r['update_flops_full_rows']['total'] / 1e9:.3f} G if every row "
-            "recomputes its prompt (TRL). rlkit's per step: those of the rows it trains (responses with all-zero advantages are skipped). "
+            f"Update FLOPs of all {ROWS} rows: {fl['total'] / 1e9:.3f} G with one prompt pass per group (matmul "
+            f"{fl['matmul'] / 1e9:.3f}, "
+            f"lm_head {fl['lm_head'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}); "
+            f"{r['update_flops_full_rows']['total'] / 1e9:.3f} G if every row "
+            "recomputes its prompt (TRL). rlkit's per step: those of the rows it trains (responses with "
+            "all-zero advantages are skipped). "
             "Matmul peak (median of one measurement before each repeat): "
             + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in r["matmul"].items())
             + ".",
             "",
-            "| system | update s (forward / backward / optimizer) | rows trained | GFLOP/s computed | fraction of peak |",
+            "| system | update s (forward / backward / optimizer) | rows trained | GFLOP/s computed | fraction "
+            "of peak |",
             "|---|---|---|---|---|",
         ]
         for n, x in s.items():
@@ -640,7 +650,8 @@ def markdown(report: dict) -> str:
                 ph = x["phases_s"]
                 sub = " / ".join(f"{ph[k]:.3f}" if k in ph else "-" for k in ("forward", "backward", "optimizer"))
                 lines.append(
-                    f"| {n} | {ph['update']:.3f} ({sub}) | {x['trained_rows']:.0f} | {x['update_flops_per_s'] / 1e9:.2f} | {x['update_frac_of_peak']:.1%} |"
+                    f"| {n} | {ph['update']:.3f} ({sub}) | {x['trained_rows']:.0f} | "
+                    f"{x['update_flops_per_s'] / 1e9:.2f} | {x['update_frac_of_peak']:.1%} |"
                 )
         lines.append("")
     return "\n".join(lines)

@@ -83,7 +83,8 @@ def gae_advantage(inputs: AdvantageInputs, settings: GAESettings) -> tuple[torch
 
     lambda = 1 gives A_t = sum_k gamma^(k-t) r_k - V(s_t) (Eq. 18: returns minus values);
     lambda = 0 the one-step TD error (Eq. 17). Over a multi-turn episode the recursion runs over
-    the sampled tokens only (the observations between replies are skipped). With ``norm_by_std`` the advantages are whitened over every
+    the sampled tokens only (the observations between replies are skipped). With ``norm_by_std``
+    the advantages are whitened over every
     response token of the batch, all processes included (PPO-max's advantage normalisation,
     Zheng et al. 2023); returns are not.
     """

@@ -212,7 +212,8 @@ def turn_table(
 
 
 def first_turn_tokens(turn_index: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, K) the position of each turn's first masked token (its reply's first token; 0 for a turn that does not exist)."""
+    """(B, K) the position of each turn's first masked token (its reply's first token; 0 for a turn
+    that does not exist)."""
     mask = mask.bool()
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     beyond = torch.full_like(positions, mask.shape[1])

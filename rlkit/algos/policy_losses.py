@@ -2,7 +2,8 @@
 
 ``loss`` is per token, (B, T); aggregation happens afterwards
 (:mod:`rlkit.algos.aggregation`). ``metrics`` are scalar tensors, returned rather
-than logged. ``settings`` is the loss's own settings dataclass (the ``algo.policy_loss`` node). A loss may also name keyword arguments from :data:`OPTIONAL_INPUTS`:
+than logged. ``settings`` is the loss's own settings dataclass (the ``algo.policy_loss`` node).
+A loss may also name keyword arguments from :data:`OPTIONAL_INPUTS`:
 ``ref_log_prob`` (B, T) under the frozen reference (initial) policy, and
 ``group_index`` (B,) for pairwise losses; the loop then passes them and keeps each
 group's samples together in every micro-batch.

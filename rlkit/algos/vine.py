@@ -58,7 +58,8 @@ def vine_advantage(inputs: AdvantageInputs, settings: NormalisedSettings) -> tup
     """
     if inputs.values is None or inputs.step_ids is None:
         raise ValueError(
-            "advantage 'vine' needs Monte-Carlo state values and step ids (AdvantageInputs.values, .step_ids): set algo/value_source=monte_carlo"
+            "advantage 'vine' needs Monte-Carlo state values and step ids (AdvantageInputs.values, .step_ids): "
+            "set algo/value_source=monte_carlo"
         )
     mask = _float_mask(inputs.response_mask)
     steps, step_values = per_step(inputs.step_ids, inputs.response_mask, inputs.values)

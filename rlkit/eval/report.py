@@ -148,7 +148,8 @@ def render_markdown(summary: dict, evaluations: list[dict], plots: list[str]) ->
         first, last = evaluations[0], evaluations[-1]
         lines += [
             "",
-            f"**Held-out accuracy: {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}).**",
+            f"**Held-out accuracy: {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} "
+            f"({last['label']}).**",
         ]
         keys = [
             k
@@ -184,7 +185,8 @@ def sample_lines(evaluation: dict) -> list[str]:
     for sample in samples:
         mark = "correct" if sample["correct"] else "wrong"
         lines += [
-            f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer {sample['answer']}, {mark})"
+            f"- prompt: `{_inline(sample['prompt'])}` -> `{_inline(sample['completion'])}` (answer "
+            f"{sample['answer']}, {mark})"
         ]
     return lines
 

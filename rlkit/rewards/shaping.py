@@ -19,7 +19,8 @@ def overlong_penalty_value(length: int, max_length: int, cache_length: int) -> f
     """
     if max_length <= 0 or not 0 <= cache_length <= max_length:
         raise ValueError(
-            f"overlong_penalty needs max_length > 0 and 0 <= cache_length <= max_length (got {max_length}, {cache_length})"
+            f"overlong_penalty needs max_length > 0 and 0 <= cache_length <= max_length (got {max_length}, "
+            f"{cache_length})"
         )
     free = max_length - cache_length
     if length <= free:

@@ -204,7 +204,8 @@ def check_model_fits(cfg) -> None:
         raise ConfigError(f"rollout.max_model_len={length} is over the model's max_position_embeddings={positions}")
     if length <= cfg.task.max_new_tokens:
         raise ConfigError(
-            f"rollout.max_model_len={length} leaves no room for a prompt before task.max_new_tokens={cfg.task.max_new_tokens}"
+            f"rollout.max_model_len={length} leaves no room for a prompt before "
+            f"task.max_new_tokens={cfg.task.max_new_tokens}"
         )
     if cfg.hardware.device == "cpu":
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend

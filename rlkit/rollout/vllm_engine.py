@@ -11,7 +11,8 @@ Weights reach the engine through vLLM's ``reload_weights`` fed straight from the
 tensors (no files): the engine repacks them into its kernel layout, so this works on CPU,
 where assigning to vLLM's parameters does not (its linear weights are prepacked). The sync is
 bounded by ``sync_timeout_s`` and ends with :class:`WeightSyncError` instead of hanging. A
-LoRA policy (a peft model, or rlkit's adapters injected in place) is either served as a LoRA adapter (``max_lora_rank`` > 0) or synced as
+LoRA policy (a peft model, or rlkit's adapters injected in place) is either served as a LoRA
+adapter (``max_lora_rank`` > 0) or synced as
 merged weights ``W + (alpha/r) B A``, computed without touching the trainer's weights.
 
 The engine needs ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here): in-process, the sync hands
@@ -421,7 +422,8 @@ class VllmEngine:
         """Make the engine sample from ``model``'s current weights; the seconds it took.
 
         A LoRA policy (a peft model, or rlkit's adapters injected in place) goes in as a LoRA
-        adapter when the engine serves them (``max_lora_rank``), else as merged weights. Raises WeightSyncError on a stall past ``sync_timeout_s`` or on
+        adapter when the engine serves them (``max_lora_rank``), else as merged weights. Raises
+        WeightSyncError on a stall past ``sync_timeout_s`` or on
         layers the engine did not take (it would silently keep their old weights).
         """
         self.check_usable()

@@ -120,7 +120,8 @@ def user_message(row: dict[str, Any], task_cfg) -> str:
         return task_cfg.prompt_template.format(**row)
     except KeyError as error:
         raise ConfigError(
-            f"task.prompt_template refers to {error}, which rows of task '{task_cfg.name}' lack; columns: {', '.join(row)}"
+            f"task.prompt_template refers to {error}, which rows of task '{task_cfg.name}' lack; columns: "
+            f"{', '.join(row)}"
         ) from None
     except (IndexError, ValueError) as error:
         raise ConfigError(

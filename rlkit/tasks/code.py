@@ -32,7 +32,8 @@ class CodeTask(Task):
     def load_split(self, split: str) -> datasets.Dataset:
         if not self.cfg.path:
             raise ConfigError(
-                f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a directory or a hub id"
+                f"task.path is required for task={self.cfg.name}: a JSONL(.gz) file of prompt/tests rows, a "
+                "directory or a hub id"
             )
         o = self.options
         rows = load_split(self.cfg.path, split, o, CODE_FIELDS, missing_tests)

@@ -34,7 +34,8 @@ class MathTask(Task):
         missing = {"problem", "solution"} - set(rows.column_names)
         if missing:
             raise ConfigError(
-                f"task.path='{path}': rows lack {sorted(missing)}; MATH rows have problem, solution and optionally answer"
+                f"task.path='{path}': rows lack {sorted(missing)}; MATH rows have problem, solution and "
+                "optionally answer"
             )
         rows = rows.map(math_row, desc=f"math {split}")
         return rows.filter(lambda row: bool(row["answer"]), desc="rows with an answer")

@@ -56,7 +56,8 @@ def read_lines(path: str) -> Iterator[tuple[int, str]]:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as error:
                     raise ConfigError(
-                        f"{where(path, number)}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+                        f"{where(path, number)}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                        f"{error.start + 1})"
                     ) from None
                 if text.strip():
                     yield number, text
@@ -181,7 +182,8 @@ def held_out(rows: datasets.Dataset, split: str, test_size: int, seed: int) -> d
     (the same rows for every training seed, so evaluations compare across runs)."""
     if not 0 < test_size < len(rows):
         raise ConfigError(
-            f"task.options.test_size={test_size} must be between 1 and {len(rows) - 1} (the source has {len(rows)} rows)"
+            f"task.options.test_size={test_size} must be between 1 and {len(rows) - 1} (the source has "
+            f"{len(rows)} rows)"
         )
     parts = rows.train_test_split(test_size=test_size, seed=seed, shuffle=True)
     return parts["test" if split == "test" else "train"]

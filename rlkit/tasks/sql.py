@@ -73,7 +73,8 @@ class SQLTask(Task):
         missing = {"question", "db", "query"} - set(rows.column_names)
         if missing:
             raise ConfigError(
-                f"task.path='{self.cfg.path}': rows lack {sorted(missing)}; SQL rows have question, db (a SQL script) and query"
+                f"task.path='{self.cfg.path}': rows lack {sorted(missing)}; SQL rows have question, db (a SQL "
+                "script) and query"
             )
         return rows.map(sql_row, desc=f"sql {split}")
 
