@@ -362,23 +362,14 @@ def rlkit_checks(run_dir: str) -> dict:
     import yaml
 
     cfg = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
-    algo = cfg["algo"]
-    keys = (
-        "lr",
-        "adam_betas",
-        "weight_decay",
-        "max_grad_norm",
-        "lr_schedule",
-        "update_epochs",
-        "minibatches",
-        "group_size",
-        "loss_agg",
-    )
+    algo, optim = cfg["algo"], cfg["algo"]["optim"]
     return {
-        **{k: algo[k] for k in keys},
+        "lr": optim["lr"] if optim["lr"] is not None else cfg["model"]["lr"],
+        **{k: optim[k] for k in ("betas", "weight_decay", "max_grad_norm", "schedule")},
+        **{k: algo[k] for k in ("update_epochs", "minibatches", "group_size", "loss_agg")},
         "kl_coef": algo["kl"]["coef"],
         "sampling": algo["sampling"],
-        "dtype": cfg["model"]["dtype"],
+        "dtype": cfg["hardware"]["dtype"],
         "warmstart_steps": cfg["model"]["warmstart"]["steps"],
         "warmstart_ran": os.path.isdir(os.path.join(run_dir, "warmstart")),
         "gradient_checkpointing": cfg["model"]["gradient_checkpointing"],
