@@ -13,7 +13,6 @@ import dataclasses
 import jinja2
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlkit.envs import build_environment
 from rlkit.envs.base import Environment, StepResult, expert_messages
@@ -309,24 +308,13 @@ def test_a_template_that_rewrites_history_is_refused():
 
 
 def test_rescoring_an_episode_reproduces_the_behaviour_log_probs(tokenizer):
+    from test_env_tasks_on_cpu import tiny_llama
+
     from rlkit.envs.sampling import backend_sample_fn
     from rlkit.loops.registry import SamplingSettings
     from rlkit.rollout.backends import ROLLOUTS
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(tokenizer)
     env = build_environment("maze", {"test_size": 4})
     rows = env.rows("test", 4)
     torch.manual_seed(0)
