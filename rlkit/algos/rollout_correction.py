@@ -48,8 +48,8 @@ def mismatch_terms(
     ``kl`` is k3 = r - 1 - log r with r = pi_old / pi_b (Schulman's estimator of KL(pi_b || pi_old)
     from tokens sampled by pi_b: unbiased and never negative), ``ratio`` is r (1 on padding)."""
     log_ratio = log_ratios(trainer_log_probs, behaviour_log_probs, mask).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    return {"kl": (ratio - 1 - log_ratio) * mask, "ratio": ratio}
+    # expm1: exp(x) - 1 without the cancellation near x = 0 that made tiny mismatches read as negative KL
+    return {"kl": (torch.expm1(log_ratio) - log_ratio) * mask, "ratio": torch.exp(log_ratio)}
 
 
 @ROLLOUT_CORRECTIONS.register("none")
