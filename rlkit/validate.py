@@ -10,6 +10,10 @@ import os
 from omegaconf import DictConfig, OmegaConf
 
 from rlkit.algos.policy_losses import POLICY_LOSSES, optional_inputs
+from rlkit.loops import LOOPS
+from rlkit.loops.policy_gradient import PolicyGradientLoop
+from rlkit.models.gguf import require_gguf_support, resolve_gguf
+from rlkit.models.lora import require_peft
 from rlkit.registry import GROUPS
 from rlkit.rewards import resolve_reward_fn
 from rlkit.rewards.registry import check_reward_term
@@ -30,6 +34,7 @@ def validate(cfg, world_size: int = 1) -> None:
     parse_options(TASKS.get(cfg.task.name).Options, cfg.task.options)  # unknown task.options keys, before data loads
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
+    check_model(cfg)
     check_rewards(cfg)
     if cfg.model.warmstart.batch_size_global % world_size:
         raise ConfigError(f"model.warmstart.batch_size_global must divide evenly over {world_size} processes")
@@ -90,6 +95,24 @@ def check_loop_and_task(cfg) -> None:
     if loop in ("preference", "reward_model") and TASKS.get(cfg.task.name).evaluation != "pairs":
         raise ConfigError(
             f"algo.loop={loop} needs a preference task (task=hh, preference or ranking), not task={cfg.task.name}"
+        )
+
+
+def check_model(cfg) -> None:
+    """The packages a GGUF model or LoRA needs are installed (the GGUF file exists), and LoRA suits the loop."""
+    model = cfg.model
+    if model.gguf_file:
+        resolve_gguf(model.gguf_file)
+        require_gguf_support("model.gguf_file")
+    if not model.lora.rank:
+        return
+    require_peft("model.lora.rank")
+    if cfg.algo.loop == "reward_model":
+        raise ConfigError("model.lora.rank: algo=rm saves a whole reward model; train it without LoRA (rank 0)")
+    if model.lora.dropout and issubclass(LOOPS.get(cfg.algo.loop), PolicyGradientLoop):
+        raise ConfigError(
+            f"model.lora.dropout={model.lora.dropout}: must be 0 for algo.loop={cfg.algo.loop}, whose update "
+            "recomputes the rollout's log-probs in training mode (dropout would change them)"
         )
 
 
