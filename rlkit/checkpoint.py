@@ -1,8 +1,9 @@
 """Atomic, verified, resumable checkpoints.
 
 ``<run>/checkpoints/<step>/`` holds a transformers model + tokenizer at its top
-level (``AutoModelForCausalLM.from_pretrained`` loads it), ``training_state/``
-(DeepSpeed's model/optimizer/scheduler state), ``trainer_state.json`` (step, data
+level (``AutoModelForCausalLM.from_pretrained`` loads it; a LoRA run's adapter in peft's format
+instead, which ``rlkit export`` merges into its base), ``training_state/``
+(DeepSpeed's model/optimizer/scheduler state; of a LoRA model only the adapter), ``trainer_state.json`` (step, data
 position, W&B run id, ...), ``rlkit_config.yaml``, ``rng_rank<r>.pt`` and, written last,
 ``manifest.json``: the size and SHA-256 of every other file. The directory is written under a
 temporary name, fsync'ed and renamed when complete, so a crash never leaves a half checkpoint
@@ -29,6 +30,7 @@ from omegaconf import OmegaConf
 from rlkit import atomic
 from rlkit.engine import all_gather_objects, all_reduce_sum, barrier, is_main_process, rank
 from rlkit.errors import RunError
+from rlkit.models.lora import has_lora, save_adapter
 
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "rlkit_config.yaml"
@@ -91,9 +93,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier()
-    engine.save_checkpoint(os.path.join(tmp, ENGINE_DIR), tag="state", save_latest=False)
+    save_engine(engine, os.path.join(tmp, ENGINE_DIR))
     for name, extra in (extra_engines or {}).items():
-        extra.save_checkpoint(os.path.join(tmp, f"{ENGINE_DIR}_{name}"), tag="state", save_latest=False)
+        save_engine(extra, os.path.join(tmp, f"{ENGINE_DIR}_{name}"))
     atomic.kill_point("checkpoint")
     save_hf_model(engine, tokenizer, tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank()}.pt"))
@@ -308,19 +310,36 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     return engine.module.state_dict()
 
 
+def save_engine(engine, directory: str) -> None:
+    """DeepSpeed's state of ``engine`` (model, optimizer, schedule); of a LoRA model only the
+    trainable part (the adapter, a value head): its frozen base is the run's start model."""
+    frozen_left_out = {"exclude_frozen_parameters": True} if has_lora(engine) else {}
+    engine.save_checkpoint(directory, tag="state", save_latest=False, **frozen_left_out)
+
+
+def load_engine(engine, directory: str) -> None:
+    """Restore what :func:`save_engine` saved (a LoRA model's base stays as loaded from the start model)."""
+    partial = {"load_module_strict": False} if has_lora(engine) else {}
+    engine.load_checkpoint(directory, tag="state", **partial)
+
+
 def save_hf_model(engine, tokenizer, directory: str) -> None:
-    """The engine's model as a plain transformers checkpoint (collective, see :func:`full_state_dict`)."""
+    """The engine's model as a plain transformers checkpoint, or a LoRA model's adapter in peft's
+    format, with the tokenizer (collective, see :func:`full_state_dict`)."""
     state_dict = full_state_dict(engine)
     if is_main_process():
-        engine.module.save_pretrained(directory, state_dict=state_dict)
+        if has_lora(engine):
+            save_adapter(engine, directory, state_dict)
+        else:
+            engine.module.save_pretrained(directory, state_dict=state_dict)
         tokenizer.save_pretrained(directory)
 
 
 def load_checkpoint(path: str, engine, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore engine states and this rank's RNG; returns the trainer state."""
-    engine.load_checkpoint(os.path.join(path, ENGINE_DIR), tag="state")
+    load_engine(engine, os.path.join(path, ENGINE_DIR))
     for name, extra in (extra_engines or {}).items():
-        extra.load_checkpoint(os.path.join(path, f"{ENGINE_DIR}_{name}"), tag="state")
+        load_engine(extra, os.path.join(path, f"{ENGINE_DIR}_{name}"))
     rng_file = os.path.join(path, f"rng_rank{rank()}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))

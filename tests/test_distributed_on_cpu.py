@@ -19,13 +19,13 @@ pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent
 
 
-def run_probe(directory: Path, processes: int, stages: list[int]) -> dict:
+def run_probe(directory: Path, processes: int, stages: list[int], extra: tuple[str, ...] = ()) -> dict:
     import torch
 
     directory.mkdir()
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     done = subprocess.run(
-        [sys.executable, *launcher, str(TESTS / "distributed_probe.py"), str(directory), *map(str, stages)],
+        [sys.executable, *launcher, str(TESTS / "distributed_probe.py"), str(directory), *map(str, stages), *extra],
         env=cli_env(PYTHONPATH=str(TESTS)),
         capture_output=True,
         text=True,
@@ -35,11 +35,13 @@ def run_probe(directory: Path, processes: int, stages: list[int]) -> dict:
     return torch.load(directory / "results.pt", weights_only=False)
 
 
-def test_two_processes_match_one_for_zero_1_2_3(tmp_path: Path):
+@pytest.mark.parametrize("extra", [(), ("model.lora.rank=4", "model.lora.alpha=8")], ids=["full", "lora"])
+def test_two_processes_match_one_for_zero_1_2_3(tmp_path: Path, extra: tuple[str, ...]):
+    """Also with a LoRA adapter: only it trains, its reference is the base inside the same engine."""
     import torch
 
-    [reference] = run_probe(tmp_path / "one", 1, [0]).values()
-    results = run_probe(tmp_path / "two", 2, [1, 2, 3])
+    [reference] = run_probe(tmp_path / "one", 1, [0], extra).values()
+    results = run_probe(tmp_path / "two", 2, [1, 2, 3], extra)
     assert any(m["actor/grad_norm"] > 0 for m in reference["metrics"]), (
         "the probe's reward gave no gradient: nothing compared"
     )

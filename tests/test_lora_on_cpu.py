@@ -139,7 +139,11 @@ def test_resuming_needs_the_checkpoints_kind_of_model(tiny, tmp_path):
         check_resumable(str(tmp_path / "lora"), rank=0)
     with pytest.raises(ConfigError, match=r"^model\.lora\.rank=8 but the checkpoint .*/full holds a full model"):
         check_resumable(str(tmp_path / "full"), rank=8)
-    check_resumable(str(tmp_path / "lora"), rank=8)
+    with pytest.raises(
+        ConfigError, match=rf"^model\.lora\.rank=8 but the adapter in the checkpoint .*/lora has rank {RANK}$"
+    ):
+        check_resumable(str(tmp_path / "lora"), rank=8)
+    check_resumable(str(tmp_path / "lora"), rank=RANK)
     check_resumable(str(tmp_path / "full"), rank=0)
 
 

@@ -493,3 +493,25 @@ def test_run_name_shortens_long_names_with_a_hash():
     assert re.fullmatch(r"[0-9a-f]{8}", name_a[101:])
     assert name_a != name_b  # same first 100 characters, different hash
     assert run_name(long_a) == name_a  # deterministic
+
+
+def test_generated_review_openings_are_seeded_distinct_and_held_out():
+    from omegaconf import OmegaConf
+
+    from rlkit.tasks import build_task
+
+    def split(name: str, seed: int = 0) -> list[str]:
+        cfg = OmegaConf.create(
+            {
+                "name": "sentiment",
+                "path": None,
+                "prompt_template": "{question}",
+                "max_train_rows": None,
+                "options": {"prompts": "generated", "train_size": 300, "test_size": 50, "seed": seed},
+            }
+        )
+        return build_task(cfg).split(name)["question"]
+
+    test, train = split("test"), split("train")
+    assert len(test) == 50 and len(train) == 300 and not set(test) & set(train)
+    assert len(set(train)) == 300 and split("test") == test and split("test", seed=1) != test

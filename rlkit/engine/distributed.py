@@ -56,10 +56,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def is_partitioned(model) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitions (even over one process): only its
+    forward, which gathers them, may read their values."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def is_sharded(model) -> bool:
     """Whether ZeRO-3 partitions ``model``'s parameters over the ranks: every rank must then
     run each forward pass together (they gather the parameters), generation included."""
-    return world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
+    return world_size() > 1 and is_partitioned(model)
 
 
 def all_gather_objects(obj) -> list:

@@ -59,7 +59,7 @@ def evaluate_checkpoint(args: list[str]) -> dict:
     init_distributed(cfg.hardware.device)
     seed_everything(cfg.seed)
     run = build_run(cfg, output_dir)
-    model, run.tokenizer = load_model(run, checkpoint)
+    model, run.tokenizer = load_model(run, checkpoint, lora=False)  # a LoRA checkpoint: merged into its base
     model.eval()
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         step = json.load(f)["step"]

@@ -18,6 +18,7 @@ import torch
 from rlkit.algos.preference_losses import implicit_reward_beta, pair_accuracy
 from rlkit.engine import all_gather_objects, rank, world_size
 from rlkit.metrics import mean_std
+from rlkit.models.lora import BaseModelView, has_lora
 from rlkit.models.sequences import encode_response_sets, score_response_sets
 from rlkit.rollout import generate, token_log_probs
 from rlkit.run import base_model_dir, load_frozen
@@ -62,9 +63,12 @@ class PolicyPairScorer:
         self.reference = getattr(loop, "reference", None)
         if self.reference is None and "ref_log_probs" not in run.test_rows.column_names:
             source = getattr(loop, "reference_source", None) or base_model_dir(run)
-            if source not in _REFERENCES:
-                _REFERENCES[source] = load_frozen(run, source, next(self.model.parameters()).device)
-            self.reference = _REFERENCES[source]
+            if has_lora(loop.engine):
+                self.reference = BaseModelView(loop.engine)
+            else:
+                if source not in _REFERENCES:
+                    _REFERENCES[source] = load_frozen(run, source, next(self.model.parameters()).device)
+                self.reference = _REFERENCES[source]
 
     @torch.no_grad()
     def __call__(self, rows: list[dict]) -> dict[str, list[float]]:

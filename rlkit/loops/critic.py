@@ -1,7 +1,8 @@
 """PPO's learned critic as a value source: V(s_t) of every response token before the update, a
 value loss during it. ``critic`` is a separate copy of the starting model with a value head
-and its own engine; ``value_head`` is a value head on the policy's own trunk, trained through
-the policy's loss (one engine, less memory)."""
+and its own engine (under LoRA the copy gets its own adapter, so only the adapter and the head
+train); ``value_head`` is a value head on the policy's own trunk, trained through the policy's
+loss (one engine, less memory; under LoRA the head and the policy's adapter train)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from rlkit.engine import optimizer_step
 from rlkit.loops.values import VALUE_SOURCES, ValueSource
 from rlkit.models import configure_for_training, load_pretrained
 from rlkit.models.value_head import attach_value_head, token_values
-from rlkit.run import make_engine
+from rlkit.run import make_engine, with_lora
 from rlkit.settings import Settings
 
 
@@ -101,7 +102,8 @@ class Critic(LearnedValues):
     def __init__(self, loop, settings, start_dir: str):
         super().__init__(loop, settings, start_dir)
         run = loop.run
-        model = configure_for_training(load_pretrained(start_dir, run.cfg.model, run.cfg.hardware), run.cfg.model)
+        model = load_pretrained(start_dir, run.cfg.model, run.cfg.hardware)
+        model = configure_for_training(with_lora(model, run.cfg.model.lora), run.cfg.model)  # its own adapter
         attach_value_head(model)
         optim = loop.optim()
         optim = dataclasses.replace(optim, lr=settings.lr or optim.lr)

@@ -24,7 +24,8 @@ pass (old and update passes alike; it is unchanged between rollout and update), 
 from the rollout as (B, T, V) masks; the sampled token is added to its set against float noise at
 the top-p boundary (``nlpo/target_outside_mask_frac`` counts it). Where ``sampling.min_new_tokens``
 bans EOS, the set is the mask policy's top-p set among the other tokens. Cost: one frozen model
-copy in memory, and one extra no-grad forward per log-prob pass and per decoding step.
+copy in memory (also under LoRA: a copy of the base model with a copy of the adapter), and one extra
+no-grad forward per log-prob pass and per decoding step.
 
 The mask model is saved in every checkpoint (``training_state_mask_model/``) and restored on
 resume: between refreshes it is the policy of an earlier step, which no checkpoint holds otherwise.
@@ -43,8 +44,9 @@ from rlkit.engine import is_main_process, mean_over_ranks
 from rlkit.loops.policy_gradient import PolicyGradientLoop, PolicyGradientSettings
 from rlkit.loops.registry import LOOPS
 from rlkit.models.kv_cache import cache_argument, output_cache
+from rlkit.models.lora import has_lora
 from rlkit.rollout.logprobs import position_ids_from_mask, response_logits
-from rlkit.run import load_frozen
+from rlkit.run import load_frozen, with_lora
 from rlkit.settings import Checked
 
 MASK_POSITIONS_PER_CHUNK = 1 << 26  # (rows x positions x vocab) elements sorted at once when computing masks
@@ -223,6 +225,8 @@ class NLPOLoop(PolicyGradientLoop):
         super().__init__(run, model, reference_source)
         self.nlpo = self.settings.mask
         self.mask_model = load_frozen(run, reference_source, self.engine.device)  # the architecture; weights next
+        if has_lora(self.engine):  # an adapter like the policy's, on a copy of the base: pi_psi is an earlier policy
+            self.mask_model = with_lora(self.mask_model, run.cfg.model.lora).requires_grad_(False).eval()
         # pi_psi_0 = pi_theta_0 (a resumed run then loads its checkpointed copy)
         copy_weights(self.engine.module, self.mask_model)
         self.mask_refreshed_at = 0  # the step after whose update pi_psi was last copied from the policy (0: the start)

@@ -39,7 +39,7 @@ from rlkit.loops.values import VALUE_SOURCES
 from rlkit.metrics import mean_std
 from rlkit.rollout import token_log_probs
 from rlkit.rollout.backends import ROLLOUTS
-from rlkit.run import load_frozen, make_engine
+from rlkit.run import make_engine, reference_policy
 
 
 @dataclass
@@ -123,7 +123,7 @@ class PolicyGradientLoop(Loop):
         # the extra inputs this loss names (reference log-probs, groups)
         self.loss_inputs = optional_inputs(self.policy_loss_fn)
         needs_reference = s.kl.coef != 0 or "ref_log_prob" in self.loss_inputs
-        self.reference = load_frozen(run, reference_source, self.engine.device) if needs_reference else None
+        self.reference = reference_policy(run, reference_source, self.engine) if needs_reference else None
         self.kl_coef = s.kl.coef  # adapted each step when algo.kl.target is set
         self.reward_moments = RunningMoments()
         self.advantage_fn = ADVANTAGE_ESTIMATORS.get(s.advantage.name)

@@ -29,7 +29,7 @@ from rlkit.loops.registry import LOOPS, Loop, LoopSettings, SamplingSettings
 from rlkit.loops.sampling import repeat
 from rlkit.metrics import mean_std
 from rlkit.models.sequences import encode_response_sets, pad_rows, score_response_sets, sequence_log_probs
-from rlkit.run import load_frozen, make_engine
+from rlkit.run import make_engine, reference_policy
 
 
 @dataclass
@@ -75,7 +75,7 @@ class PreferenceLoop(Loop):
             batch_size_global=cfg.trainer.prompts_per_step_global,
             total_steps=cfg.trainer.max_steps,
         )
-        self.reference = load_frozen(run, reference_source, self.engine.device)
+        self.reference = reference_policy(run, reference_source, self.engine)
         if getattr(algo, "reference", "model") == "precomputed":
             self.precompute_reference()
             self.reference = None

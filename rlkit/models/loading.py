@@ -8,6 +8,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from rlkit.models.lora import holds_adapter, load_merged
 from rlkit.models.onednn_linear import onednn_dtypes, use_onednn_linears
 from rlkit.settings import ConfigError
 
@@ -40,14 +41,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
-    """The causal LM; on a CPU ``hardware`` (a HardwareConfig) its linear layers use
+    """The causal LM (of a LoRA checkpoint: its base with the adapter merged in); on a CPU ``hardware`` (a HardwareConfig) its linear layers use
     oneDNN unless ``hardware.cpu_matmul=torch``, ZeRO-3 shards them, or the CPU cannot compute
     the training precision (``hardware.dtype``, to which DeepSpeed casts the model) through oneDNN."""
     kwargs = {"dtype": DTYPES[hardware.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     attention = model_cfg.attn_implementation or default_attention(model_cfg, hardware)
     if attention:
         kwargs["attn_implementation"] = attention
-    model = from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
+    if holds_adapter(name_or_path):  # a LoRA checkpoint: its adapter merged into its base
+        model = load_merged(name_or_path, **kwargs)
+    else:
+        model = from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
     if (
         hardware.device == "cpu"
         and hardware.cpu_matmul == "onednn"

@@ -12,6 +12,8 @@ the Memory Usage of PPO" (Santacroce et al. 2023).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -41,6 +43,12 @@ def linear_module_names(model) -> list[str]:
     )
 
 
+def require_peft(key: str) -> None:
+    """One-line error unless peft (the smollm2 extra) is installed."""
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{key}: LoRA needs peft: pip install -e '.[smollm2]'")
+
+
 def apply_lora(
     model,
     rank: int,
@@ -54,10 +62,9 @@ def apply_lora(
     the adapted model starts equal to ``model``. ``dropout`` acts on the adapter's input in training
     mode; keep it 0 for RL, where the rollout's log-probs are recomputed in training mode and would
     otherwise differ from the sampler's by noise alone."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError:
-        raise ConfigError(f"{key}.rank={rank} needs peft: pip install -e '.[smollm2]'") from None
+    require_peft(f"{key}.rank")
+    from peft import LoraConfig, inject_adapter_in_model
+
     if rank < 1:
         raise ConfigError(f"{key}.rank={rank}: an adapter needs a positive rank (0 means no LoRA)")
     targets = list(target_modules or DEFAULT_TARGET_MODULES)
@@ -104,6 +111,23 @@ def adapters_disabled(model) -> Iterator[None]:
             layer.enable_adapters(True)
 
 
+class BaseModelView:
+    """A LoRA policy (a model or a DeepSpeed engine around one) seen as its base model: calling it
+    runs the policy with its adapters switched off and without gradients. It is the frozen
+    reference policy of a LoRA run wherever rlkit scores a reference (``module`` and ``parameters``
+    are the policy's, as ``is_sharded`` and the KV-cache helpers read them)."""
+
+    def __init__(self, model):
+        self.model, self.module = model, unwrapped(model)
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), adapters_disabled(self.model):
+            return self.model(*args, **kwargs)
+
+    def parameters(self):
+        return self.module.parameters()
+
+
 def save_adapter(model, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter in peft's format (``PeftModel.from_pretrained(base, directory)`` loads it). Under
     ZeRO-3 pass the gathered ``state_dict`` (rank 0's full one); otherwise the model's own is used."""
@@ -128,7 +152,7 @@ def holds_adapter(directory: str) -> bool:
 
 def check_resumable(checkpoint_dir: str, rank: int, key: str = "model.lora.rank") -> None:
     """One-line error where a checkpoint's adapter and the run's ``rank`` disagree (a LoRA checkpoint
-    resumed without LoRA, or a full model resumed with it)."""
+    resumed without LoRA or with another rank, or a full model resumed with LoRA)."""
     saved = holds_adapter(checkpoint_dir)
     if saved and rank == 0:
         raise ConfigError(
@@ -136,6 +160,11 @@ def check_resumable(checkpoint_dir: str, rank: int, key: str = "model.lora.rank"
         )
     if not saved and rank > 0:
         raise ConfigError(f"{key}={rank} but the checkpoint {checkpoint_dir} holds a full model, not a LoRA adapter")
+    if saved:
+        with open(os.path.join(checkpoint_dir, ADAPTER_CONFIG)) as f:
+            saved_rank = json.load(f).get("r")
+        if saved_rank != rank:
+            raise ConfigError(f"{key}={rank} but the adapter in the checkpoint {checkpoint_dir} has rank {saved_rank}")
 
 
 def load_merged(directory: str, base_model: str | None = None, **kwargs):

@@ -16,7 +16,7 @@ import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from rlkit.engine import is_sharded
+from rlkit.engine import is_partitioned
 from rlkit.models.kv_cache import cache_argument
 from rlkit.models.onednn_linear import fused_projection, packed_weights
 
@@ -72,7 +72,7 @@ def decoding_step(model, cache, prompt_mask: torch.Tensor, hand_written: bool = 
         hand_written
         and prompt_mask.device.type == "cpu"
         and type(model) in HAND_WRITTEN_ARCHITECTURES
-        and not is_sharded(model)
+        and not is_partitioned(model)  # the hand-written step reads weights outside the forward
         and all(type(layer) is ReservedLayer for layer in cache.layers)
     ):
         yield llama_step(model, cache, prompt_mask)
