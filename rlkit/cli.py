@@ -219,7 +219,8 @@ def main() -> None:
     if command == "train":
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and {"-m", "--multirun"} & set(rest):
             fail(
-                "--multirun under a distributed launcher: the ranks would disagree on the sweep dir; use hardware.num_procs=N"
+                "--multirun under a distributed launcher: the ranks would disagree on the sweep dir; use "
+                "hardware.num_procs=N"
             )
         sys.argv = [f"{sys.argv[0]} train", *rest]
         train_main()

@@ -159,9 +159,12 @@ class HardwareConfig(Checked):
     )
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
-    fused_optimizer: bool = False  # PyTorch's fused AdamW kernel: ~6x faster optimizer step on CPU, but same-seed runs are then not bit-identical
+    # PyTorch's fused AdamW kernel: ~6x faster optimizer step on CPU, but same-seed runs are then not bit-identical
+    fused_optimizer: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)  # any DeepSpeed config keys, merged last
-    num_procs: int = 1  # data-parallel processes on this machine: >1 re-launches `rlkit train` under torch.distributed.run (unless a launcher already set WORLD_SIZE)
+    # data-parallel processes on this machine: >1 re-launches `rlkit train` under torch.distributed.run (unless a
+    # launcher already set WORLD_SIZE)
+    num_procs: int = 1
 
     def check(self) -> None:
         self.require_choice("device", ("cpu", "cuda"))
@@ -255,7 +258,9 @@ class RootConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
-    resume: str = "auto"  # auto: continue from the run dir's newest intact checkpoint | force: the same, even if the config changed | never | a checkpoint path
+    # auto: continue from the run dir's newest intact checkpoint | force: the same, even if the config changed | never
+    # | a checkpoint path
+    resume: str = "auto"
     run_name: str = MISSING  # names the run dir under outputs/
 
 

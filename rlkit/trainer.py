@@ -91,7 +91,8 @@ def train(cfg, run_dir: str) -> Report:
     if is_main_process() and report.evaluations:
         first, last = report.evaluations[0], report.evaluations[-1]
         print(
-            f"held-out accuracy {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} ({last['label']}); "
+            f"held-out accuracy {first['accuracy']:.3f} ({first['label']}) -> {last['accuracy']:.3f} "
+            f"({last['label']}); "
             f"report: {os.path.join(run_dir, 'report.md')}"
         )
     return report
@@ -214,7 +215,8 @@ def stop_if_stuck(step: int, limit: int) -> None:
     if SKIPPED.consecutive >= limit:
         raise RunError(
             f"stopped at step {step}: {SKIPPED.consecutive} optimizer steps in a row skipped ({SKIPPED.reason}); "
-            "the saved checkpoints hold finite weights; check the rewards and algo.lr, or raise trainer.max_skipped_steps"
+            "the saved checkpoints hold finite weights; check the rewards and algo.lr, or raise "
+            "trainer.max_skipped_steps"
         )
 
 

@@ -95,7 +95,8 @@ def check_batches(cfg, world_size: int) -> None:
     pairwise = "group_index" in optional_inputs(POLICY_LOSSES.get(algo.policy_loss.name))
     if pairwise and (prompts // world_size) % algo.minibatches:
         raise ConfigError(
-            f"algo.minibatches={algo.minibatches} must divide the prompts per process per step (pairs stay in one minibatch)"
+            f"algo.minibatches={algo.minibatches} must divide the prompts per process per step (pairs stay in "
+            "one minibatch)"
         )
 
 
@@ -171,7 +172,8 @@ def check_no_environment(cfg) -> None:
         )
     if cfg.reward.name == "env":
         raise ConfigError(
-            f"reward=env: task {cfg.task.name} is not an environment task, so no environment rewards it (e.g. reward=math)"
+            f"reward=env: task {cfg.task.name} is not an environment task, so no environment rewards it (e.g. "
+            "reward=math)"
         )
     estimator = cfg.algo.get("advantage")
     if estimator is not None and set(getattr(ADVANTAGE_ESTIMATORS.get(estimator.name), "inputs", ())) & set(
@@ -189,7 +191,8 @@ def check_environment_task(cfg) -> None:
         raise ConfigError(f"task.name={cfg.task.name} needs an environment: {ENVIRONMENT_TASKS}")
     if cfg.reward.name != "env" or cfg.reward.terms or cfg.reward.fn:
         raise ConfigError(
-            f"reward={cfg.reward.name}: an environment task is rewarded by its environment, turn by turn; use reward=env"
+            f"reward={cfg.reward.name}: an environment task is rewarded by its environment, turn by turn; use "
+            "reward=env"
         )
     if cfg.algo.loop not in ("policy_gradient", "sft"):
         raise ConfigError(
@@ -199,7 +202,8 @@ def check_environment_task(cfg) -> None:
     source = cfg.algo.get("value_source")
     if source is not None and source.name in ("monte_carlo", "greedy"):
         raise ConfigError(
-            f"algo/value_source={source.name}: it re-samples single responses; environment tasks use none, critic or value_head"
+            f"algo/value_source={source.name}: it re-samples single responses; environment tasks use none, "
+            "critic or value_head"
         )
     defaults = TaskConfig(name=cfg.task.name)
     for key in NOT_READ_BY_ENVIRONMENT_TASKS:

@@ -187,26 +187,46 @@ PRESET_OVERRIDES = {"rft": ["algo.selection.correct_threshold=0.0"]}
 
 
 def online_presets() -> list[str]:
-    """Presets whose loop samples from the policy: the policy-gradient family and online preference loops."""
+    """One preset for each distinct way an online loop uses the model (the policy-gradient family and
+    the online preference loops): told apart by loop, value source, KL to the reference, the inputs
+    their policy loss reads and the online selection, each of which touches the adapter or the
+    reference differently. The first by name of each kind that runs on the default task (the
+    multi-turn presets need an environment)."""
     from hydra import compose, initialize_config_module
 
+    from rlkit.algos.policy_losses import POLICY_LOSSES, optional_inputs
     from rlkit.config import register_schema
     from rlkit.loops import LOOPS
     from rlkit.loops.policy_gradient import PolicyGradientLoop
+    from rlkit.settings import ConfigError
+    from rlkit.validate import validate
 
     register_schema()
-    names = []
+    kinds: dict[tuple, str] = {}
     with initialize_config_module(config_module="rlkit.conf", version_base="1.3"):
         for path in sorted(CONF_ALGO.glob("*.yaml")):
-            loop = compose("config", overrides=["run_name=x", f"algo={path.stem}"]).algo.loop
-            if loop == "online_preference" or issubclass(LOOPS.get(loop), PolicyGradientLoop):
-                names.append(path.stem)
-    return names
+            algo = compose("config", overrides=["run_name=x", f"algo={path.stem}"]).algo
+            if algo.loop != "online_preference" and not issubclass(LOOPS.get(algo.loop), PolicyGradientLoop):
+                continue
+            try:
+                validate(compose("config", overrides=["run_name=x", f"algo={path.stem}"]))
+            except ConfigError:
+                continue
+            loss = algo.get("policy_loss")
+            kind = (
+                algo.loop,
+                algo.get("value_source", {}).get("name"),
+                bool(algo.get("kl", {}).get("coef")),
+                tuple(optional_inputs(POLICY_LOSSES.get(loss.name))) if loss else (),
+                algo.get("selection", {}).get("name"),  # online preference: how pairs or targets are chosen
+            )
+            kinds.setdefault(kind, path.stem)
+    return sorted(kinds.values())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", online_presets())
-def test_every_online_preset_trains_an_adapter_against_the_base_as_reference(compose_config, tmp_path, name):
+def test_each_kind_of_online_preset_trains_an_adapter_against_the_base_as_reference(compose_config, tmp_path, name):
     from rlkit.trainer import train
     from rlkit.validate import validate
 

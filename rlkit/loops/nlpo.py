@@ -147,14 +147,16 @@ class FrozenModelCheckpoint:
         """The frozen model, named as on a DeepSpeed engine (the checkpoint's finiteness check reads it)."""
         return self.model
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False, **_) -> None:
+        """All its weights, a LoRA model's frozen base included (``exclude_frozen_parameters`` is
+        ignored: every weight of this model is frozen, and its adapter is an earlier policy's)."""
         if is_main_process():  # every rank holds the same full copy
             from safetensors.torch import save_model
 
             os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
             save_model(self.model, os.path.join(save_dir, tag, self.FILE))
 
-    def load_checkpoint(self, load_dir: str, tag: str) -> None:
+    def load_checkpoint(self, load_dir: str, tag: str, **_) -> None:
         from safetensors.torch import load_model
 
         load_model(self.model, os.path.join(load_dir, tag, self.FILE), device=str(next(self.model.parameters()).device))

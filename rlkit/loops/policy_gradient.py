@@ -47,7 +47,8 @@ class PolicyGradientSettings(LoopSettings):
     group_size: int = 8  # samples per prompt
     update_epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimizer steps per epoch over one rollout batch
-    loss_agg: str = "token-mean"  # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    # loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    loss_agg: str = "token-mean"
     entropy_coef: float = 0.0  # bonus on the policy's entropy (0 = off)
     reward_norm: str = "none"  # none | batch (whiten scores over the batch) | running (running mean/std, PPO-max)
     reward_clip: float = 0.0  # clip normalised scores into [-c, c] (PPO-max: 5 after normalisation); 0 = off
@@ -93,7 +94,8 @@ class PolicyGradientSettings(LoopSettings):
         self.require(
             self.rollout_correction.name != "mask" or self.sampling.top_p == 1,
             "rollout_correction",
-            "the sequence ratio would also count top-p's renormalisation (about top_p per token, the trainer scores the "
+            "the sequence ratio would also count top-p's renormalisation (about top_p per token, the trainer "
+            "scores the "
             "whole distribution), dropping most responses: use algo.sampling.top_p=1 or algo/rollout_correction=tis",
         )
 
@@ -343,7 +345,8 @@ def mismatch_metrics(trainer_log_probs, behaviour_log_probs, mask) -> dict[str, 
 
 
 def correction_metrics(stats: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, float]:
-    """``rollout_correction/<stat>`` over all processes: (B, T) stats averaged over response tokens, (B,) over responses."""
+    """``rollout_correction/<stat>`` over all processes: (B, T) stats averaged over response tokens, (B,) over "
+    "responses."""
     metrics = {}
     for name, value in stats.items():
         per_token = value.dim() == 2

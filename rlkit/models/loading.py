@@ -41,7 +41,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_pretrained(name_or_path: str, model_cfg, hardware) -> PreTrainedModel:
-    """The causal LM (of a LoRA checkpoint: its base with the adapter merged in); on a CPU ``hardware`` (a HardwareConfig) its linear layers use
+    """The causal LM (of a LoRA checkpoint: its base with the adapter merged in); on a CPU
+    ``hardware`` (a HardwareConfig) its linear layers use
     oneDNN unless ``hardware.cpu_matmul=torch``, ZeRO-3 shards them, or the CPU cannot compute
     the training precision (``hardware.dtype``, to which DeepSpeed casts the model) through oneDNN."""
     kwargs = {"dtype": DTYPES[hardware.dtype], "trust_remote_code": model_cfg.trust_remote_code}

@@ -5,7 +5,8 @@ The adapters go into the model itself (``peft.inject_adapter_in_model``), so the
 see the model they know, and only the adapter's parameters require gradients, so only they reach the
 optimizer. (transformers' own ``model.add_adapter`` would do the same, but transformers 5.25 demands a
 peft newer than any released.) :func:`save_adapter` writes the adapter in peft's format
-(``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` loads). The reference policy is the same model with its adapters
+(``adapter_config.json`` + ``adapter_model.safetensors``, what ``PeftModel.from_pretrained`` loads).
+The reference policy is the same model with its adapters
 switched off (:func:`adapters_disabled`): no second copy of the weights, as in "Efficient RLHF: Reducing
 the Memory Usage of PPO" (Santacroce et al. 2023).
 """
