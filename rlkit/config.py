@@ -161,6 +161,9 @@ class HardwareConfig(Checked):
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
     # PyTorch's fused AdamW kernel: ~6x faster optimizer step on CPU, but same-seed runs are then not bit-identical
     fused_optimizer: bool = False
+    # same seed, same numbers whatever the machine's load (docs/reproducibility.md): PyTorch's deterministic
+    # algorithms; null = on for cpu, off for cuda
+    deterministic: bool | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)  # any DeepSpeed config keys, merged last
     # data-parallel processes on this machine: >1 re-launches `rlkit train` under torch.distributed.run (unless a
     # launcher already set WORLD_SIZE)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from rlkit.checkpoint import check_finite_weights, full_state_dict, load_checkpoint, save_checkpoint
 from rlkit.engine import barrier, init_distributed, is_main_process
 from rlkit.engine.cpu_heap import keep_freed_memory
+from rlkit.engine.determinism import use_deterministic_algorithms
 from rlkit.engine.step import SKIPPED
 from rlkit.errors import RunError
 from rlkit.eval import evaluate
@@ -45,6 +46,7 @@ def train(cfg, run_dir: str) -> Report:
     watch = PreemptionWatch(
         cfg.trainer.preempt_signals, cfg.trainer.stop_signals
     )  # first: a signal during start-up must not kill the job
+    use_deterministic_algorithms(cfg.hardware)
     init_distributed(cfg.hardware.device)
     if cfg.hardware.device == "cpu":
         keep_freed_memory()

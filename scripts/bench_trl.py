@@ -10,7 +10,8 @@ top_p 1, no top-k, beta 0, one AdamW step per rollout batch, same lr/betas/decay
 (``--dtype bf16``: rlkit hardware.dtype=bfloat16, TRL a bf16 model with bf16=True; unvalidated).
 Both systems load one saved random-init Llama and tokenizer per size and score with
 :func:`digit_reward`. Each repeat runs rlkit (its real CLI; ``rlkit_torch_matmul`` is the same run
-with ``hardware.cpu_matmul=torch``: torch's BLAS instead of oneDNN), TRL and a bare ``model.generate``,
+with ``hardware.cpu_matmul=torch``: torch's BLAS instead of oneDNN; ``rlkit_nondeterministic``, run only when
+named, with ``hardware.deterministic=false``), TRL and a bare ``model.generate``,
 each in its own subprocess (W warm-up + S timed steps), in the order of ``--systems``, repeat after repeat.
 Writes only ``bench.json`` (every timed step and the summary) and ``bench.md`` into ``--out``; the seeded
 models and each repeat's run directory (rlkit's run dir, the workers' logs) go under ``--work``.
@@ -43,8 +44,14 @@ SIZES = {
 }
 PHASES = ("rollout", "reward", "log_probs", "advantages", "update")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-# rlkit as configured by default, and with its CPU linear layers on torch's BLAS instead of oneDNN
-RLKIT_SYSTEMS = {"rlkit": [], "rlkit_torch_matmul": ["hardware.cpu_matmul=torch"]}
+# rlkit as configured by default, with its CPU linear layers on torch's BLAS instead of oneDNN, and without
+# deterministic algorithms (docs/reproducibility.md; not run unless named in --systems)
+RLKIT_SYSTEMS = {
+    "rlkit": [],
+    "rlkit_torch_matmul": ["hardware.cpu_matmul=torch"],
+    "rlkit_nondeterministic": ["hardware.deterministic=false"],
+}
+DEFAULT_SYSTEMS = ("rlkit", "rlkit_torch_matmul", "trl", "generate")
 
 
 def digit_reward(prompts, completions, answer, **_):
@@ -654,9 +661,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument(
-        "--systems", default=",".join([*RLKIT_SYSTEMS, "trl", "generate"]), help="run in this order within each repeat"
-    )
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="run in this order within each repeat")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every process (default: torch's)")
     p.add_argument("--out", default="/tmp/rlkit_bench")
