@@ -68,3 +68,26 @@ def test_compare_of_a_directory_without_runs_says_so(tmp_path):
 
 def test_peak_memory_reports_this_process():
     assert peak_memory()["peak_rss_mb"] > 10
+
+
+def test_seeds_group_by_hydras_overrides_when_the_run_name_is_shortened(tmp_path):
+    """A long run name ends in a hash that differs per seed; Hydra's overrides.yaml says what the run was,
+    and what does not change the experiment (logging, the run directory check) does not split groups."""
+    for seed, final in ((1, 0.6), (2, 0.8)):
+        fake_run(tmp_path, "gigpo", seed, final, 700.0, [0.1, 0.2, 0.3])
+        run_dir = tmp_path / f"gigpo-seed{seed}"
+        report = json.loads((run_dir / "report.json").read_text())
+        report["run_name"] = f"algo=gigpo,env.test_size=50,model.warmstart.batch_size_global=-{seed}f3e1a2b"
+        (run_dir / "report.json").write_text(json.dumps(report))
+        (run_dir / ".hydra").mkdir()
+        overrides = [
+            "algo=gigpo",
+            f"seed={seed}",
+            "task=maze",
+            "logger.mode=disabled",
+            "trainer.allow_nonempty_dir=true",
+        ]
+        (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    table = compare(str(tmp_path))
+    assert list(table) == ["gigpo"]  # one configuration, its two seeds: labelled by its algo (every override shared)
+    assert table["gigpo"]["seeds"] == [1, 2] and table["gigpo"]["accuracy_final"] == pytest.approx(0.7)

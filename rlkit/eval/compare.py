@@ -1,7 +1,9 @@
 """``rlkit compare DIR``: one table and one plot for a sweep of runs (RL4LMs/GRUE style).
 
 Every run directory under DIR (any depth; a ``report.json`` marks one) is grouped by
-its overrides (its run name) less ``seed=N`` and less the overrides every run shares, so
+its overrides (Hydra's record of them, else its run name, which shortens long ones to a hash)
+less ``seed=N``, less those that do not change what is trained (logging, resuming, the run
+directory) and less the overrides every run shares, so
 ``algo=grpo,seed=2,trainer.max_steps=50`` is labelled ``algo=grpo`` in a sweep over algorithms
 and seeds; the seeds of one configuration are aggregated into mean ± std. Writes
 ``compare.md``, ``compare.json`` and ``compare.png`` into DIR.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 
 from rlkit.eval.report import plt, read_metrics
@@ -32,9 +33,7 @@ def summarise_run(run_dir: str) -> dict:
     return {
         "run_dir": run_dir,
         "algo": report.get("algo", "?"),
-        "overrides": [
-            part for part in report.get("run_name", "").split(",") if part and not re.fullmatch(r"seed=\d+", part)
-        ],
+        "overrides": experiment_overrides(run_dir, report),
         "seed": report.get("seed"),
         "steps": len(steps),
         "complete": bool(evaluations) and evaluations[-1]["step"] >= report.get("max_steps", 0),
@@ -47,6 +46,22 @@ def summarise_run(run_dir: str) -> dict:
         "peak_gpu_allocated_mb": report.get("peak_gpu_allocated_mb"),
         "reward_curve": [[m["step"], m["reward/mean"]] for m in steps],
     }
+
+
+NOT_THE_EXPERIMENT = ("seed", "resume", "run_name", "logger.", "trainer.allow_nonempty_dir", "hydra.")
+
+
+def experiment_overrides(run_dir: str, report: dict) -> list[str]:
+    """The run's overrides that change what it trains, less its seed (those of ``.hydra/overrides.yaml``
+    when Hydra wrote one, else those in its run name)."""
+    recorded = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            overrides = [line[2:].strip() for line in f if line.startswith("- ")]
+    else:
+        overrides = report.get("run_name", "").split(",")
+    keep = lambda part: part and not part.lstrip("+~").startswith(NOT_THE_EXPERIMENT)  # noqa: E731
+    return [part for part in overrides if keep(part)]
 
 
 def label_runs(runs: list[dict]) -> None:
