@@ -146,6 +146,24 @@ def gsm8k_dir() -> Path:
     return GSM8K_DIR
 
 
+def runs_on_default_task(preset: str) -> bool:
+    """``rlkit train algo=<preset>`` validates with the default task (the multi-turn presets need an
+    environment task; tests/test_multi_turn_e2e.py trains them)."""
+    from hydra import compose, initialize_config_module
+
+    from rlkit.config import register_schema
+    from rlkit.settings import ConfigError
+    from rlkit.validate import validate
+
+    register_schema()
+    with initialize_config_module(config_module="rlkit.conf", version_base="1.3"):
+        try:
+            validate(compose("config", overrides=["run_name=x", f"algo={preset}"]))
+        except ConfigError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def compose_config():
     """Compose ``conf/config.yaml`` with overrides, as ``rlkit train`` does, resolved (run_name fixed)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_OVERRIDES, fast_overrides
+from conftest import FAST_OVERRIDES, fast_overrides, runs_on_default_task
 
 CONF_ALGO = Path(__file__).resolve().parents[1] / "conf" / "algo"
 PRESETS = sorted(p.stem for p in CONF_ALGO.glob("*.yaml"))
@@ -32,12 +32,13 @@ def preset_loop(name: str) -> str:
 
 def trains_on_sampled_or_reference_text(name: str) -> bool:
     """SFT, and the policy-gradient loop or any loop built on it (e.g. nlpo): they run on the
-    arithmetic task (preference loops need pair data)."""
+    arithmetic task (preference loops need pair data; multi-turn presets an environment)."""
     from rlkit.loops import LOOPS
     from rlkit.loops.policy_gradient import PolicyGradientLoop
 
     loop = preset_loop(name)
-    return loop == "sft" or (loop in LOOPS and issubclass(LOOPS.get(loop), PolicyGradientLoop))
+    online = loop == "sft" or (loop in LOOPS and issubclass(LOOPS.get(loop), PolicyGradientLoop))
+    return online and runs_on_default_task(name)
 
 
 @pytest.fixture(scope="module")
