@@ -112,6 +112,13 @@ def default_model(overrides: list[str]) -> list[str]:
     return []
 
 
+def add_overrides(extra: list[str]) -> None:
+    """Put ``extra`` beside the command's own overrides (argparse takes one run of positionals: after
+    ``--cfg job`` they would be refused)."""
+    first = next((i for i, arg in enumerate(sys.argv[1:], 1) if "=" in arg and not arg.startswith("-")), len(sys.argv))
+    sys.argv[first:first] = extra
+
+
 def real_model_installed() -> bool:
     from rlkit.models.gguf import require_gguf_support, resolve_gguf
     from rlkit.settings import ConfigError
@@ -134,7 +141,7 @@ def train_main() -> None:
     register_schema()
     if not OmegaConf.has_resolver("rlkit_run_name"):
         OmegaConf.register_new_resolver("rlkit_run_name", run_name)
-    sys.argv += default_model(config_overrides(sys.argv[1:]))
+    add_overrides(default_model(config_overrides(sys.argv[1:])))
     try:
         check_overrides(config_overrides(sys.argv[1:]))
     except ConfigError as error:

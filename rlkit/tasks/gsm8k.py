@@ -15,7 +15,7 @@ import datasets
 from rlkit.rewards.math import answer_key, extract_answer
 from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import TEXT, read_json
+from rlkit.tasks.sources import TEXT, load_hub, read_json
 
 
 @TASKS.register("gsm8k")
@@ -36,7 +36,7 @@ class GSM8KTask(Task):
         elif os.path.exists(path) or path.startswith((".", "/")):
             raise ConfigError(f"task.path='{path}' must be a directory with train.jsonl and test.jsonl, or a hub id")
         else:
-            raw = datasets.load_dataset(path, self.options.hub_config, split=split)
+            raw = load_hub(path, self.options.hub_config, split=split)
         missing = {"question", "answer"} - set(raw.column_names)
         if missing:
             raise ConfigError(

@@ -28,7 +28,7 @@ import datasets
 
 from rlkit.settings import ConfigError
 from rlkit.tasks.base import TASKS, Task
-from rlkit.tasks.sources import OPTIONAL_TEXT, Field, check_rows, read_records
+from rlkit.tasks.sources import OPTIONAL_TEXT, Field, check_rows, load_hub, read_records
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class PreferenceTask(Task):
             return {split: _read_jsonl(files) for split, files in found.items() if files}
         if os.path.exists(path) or path.startswith((".", "/")):
             raise ConfigError(f"task.path='{path}' is neither a .jsonl(.gz) file, a directory nor a hub id")
-        loaded = datasets.load_dataset(path, data_dir=self.options.hub_data_dir)
+        loaded = load_hub(path, data_dir=self.options.hub_data_dir)
         return {split: loaded[split] for split in ("train", "test") if split in loaded}
 
     def _rows(self, split: str, raw_rows) -> list[dict]:

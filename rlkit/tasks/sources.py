@@ -173,8 +173,21 @@ def load_split(
     if path.startswith((".", "/")):
         raise ConfigError(f"task.path='{path}' does not exist")
     if hub_split:
-        return held_out(datasets.load_dataset(path, hub_config, split=hub_split), split, test_size, seed)
-    return datasets.load_dataset(path, hub_config, split=split)
+        return held_out(load_hub(path, hub_config, split=hub_split), split, test_size, seed)
+    return load_hub(path, hub_config, split=split)
+
+
+def load_hub(path: str, *args, **kwargs):
+    """``datasets.load_dataset(path, ...)`` of a Hugging Face Hub id; one line when the hub cannot give
+    it (offline, or no such dataset)."""
+    try:
+        return datasets.load_dataset(path, *args, **kwargs)
+    except (ConnectionError, FileNotFoundError) as error:  # datasets' DatasetNotFoundError is a FileNotFoundError
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"task.path='{path}': not a local file or directory, and the Hugging Face Hub did not give it ({reason}); "
+            "offline, set task.path to local files (docs/tasks-and-rewards.md says which each task reads)"
+        ) from None
 
 
 def held_out(rows: datasets.Dataset, split: str, test_size: int, seed: int) -> datasets.Dataset:
