@@ -58,6 +58,23 @@ def fast_overrides(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
     return args + [c for c in changes if key(c) in changed]
 
 
+def two_step_overrides() -> list[str]:
+    """Two training steps of a preset on a small arithmetic split (2 prompts of the preset's group size),
+    with no warm start, evaluation or checkpoint in between."""
+    return fast_overrides(
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "eval.num_examples=4",
+        "eval.pass_k=0",
+        "model.warmstart.steps=0",
+        "task.options.train_size=64",
+        "task.options.test_size=8",
+        "trainer.prompts_per_step_global=2",
+        drop=("algo.group_size",),
+    )
+
+
 def rlkit_executable() -> str:
     """The ``rlkit`` console script of the interpreter running the tests."""
     found = shutil.which("rlkit", path=str(Path(sys.executable).parent)) or shutil.which("rlkit")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_OVERRIDES, fast_overrides, runs_on_default_task
+from conftest import FAST_OVERRIDES, runs_on_default_task, two_step_overrides
 
 CONF_ALGO = Path(__file__).resolve().parents[1] / "conf" / "algo"
 PRESETS = sorted(p.stem for p in CONF_ALGO.glob("*.yaml"))
@@ -48,18 +48,7 @@ def train_preset(tmp_path_factory, compose_config):
 
     def _train(name: str, *extra: str, run_dir: Path | None = None) -> Path:
         run_dir = run_dir or tmp_path_factory.mktemp(name)
-        overrides = fast_overrides(
-            "trainer.max_steps=2",
-            "trainer.eval_every=0",
-            "trainer.save_every=0",
-            "eval.num_examples=4",
-            "eval.pass_k=0",
-            "model.warmstart.steps=0",
-            "task.options.train_size=64",
-            "task.options.test_size=8",
-            "trainer.prompts_per_step_global=2",
-            drop=("algo.group_size",),
-        )
+        overrides = two_step_overrides()
         cfg = compose_config(
             f"algo={name}", f"reward.fn={__name__}:distinct_characters", "algo.optim.lr=1e-3", *overrides, *extra
         )

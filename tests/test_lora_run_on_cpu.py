@@ -19,6 +19,7 @@ from conftest import (
     rlkit,
     runs_on_default_task,
     train_records,
+    two_step_overrides,
 )
 
 pytest.importorskip("peft", reason="the smollm2 extra (peft) is not installed")
@@ -247,18 +248,7 @@ def test_each_kind_of_online_preset_trains_an_adapter_against_the_base_as_refere
     from rlkit.trainer import train
     from rlkit.validate import validate
 
-    overrides = fast_overrides(
-        "trainer.max_steps=2",
-        "trainer.eval_every=0",
-        "trainer.save_every=0",
-        "eval.num_examples=4",
-        "eval.pass_k=0",
-        "model.warmstart.steps=0",
-        "task.options.train_size=64",
-        "task.options.test_size=8",
-        "trainer.prompts_per_step_global=2",
-        drop=("algo.group_size",),
-    )
+    overrides = two_step_overrides()
     cfg = compose_config(
         f"algo={name}",
         "reward.fn=probe_rewards:digit_share",
