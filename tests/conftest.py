@@ -4,6 +4,7 @@ with a fast, offline configuration, and reading what a run leaves on disk."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -163,6 +164,7 @@ def gsm8k_dir() -> Path:
     return GSM8K_DIR
 
 
+@functools.cache
 def runs_on_default_task(preset: str) -> bool:
     """``rlkit train algo=<preset>`` validates with the default task (the multi-turn presets need an
     environment task; tests/test_multi_turn_e2e.py trains them)."""
