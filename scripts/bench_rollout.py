@@ -46,6 +46,7 @@ from bench_trl import (  # noqa: E402
     read_jsonl,
     rlkit_command,
     run_subprocess,
+    worker_env,
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -191,19 +192,7 @@ def train_run(size: str, rollout: str, repeat: int, work: dict, args, env: dict)
 def bench_train(size: str, args) -> dict:
     """``rollout=hf`` and ``rollout=vllm`` runs of the same job, alternating which goes first."""
     work = work_dir(size, args)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")])
-        ),
-    }
+    env = worker_env(args.threads)
     runs: dict[str, list[dict]] = {"hf": [], "vllm": []}
     for repeat in range(args.repeats):
         for rollout in ("hf", "vllm") if repeat % 2 == 0 else ("vllm", "hf"):

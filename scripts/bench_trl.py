@@ -384,6 +384,25 @@ def rlkit_checks(run_dir: str) -> dict:
     }
 
 
+def worker_env(threads: int | None) -> dict[str, str]:
+    """The environment of a benchmark's child process: offline, W&B off, DeepSpeed on CPU, this
+    directory importable (the reward functions), and ``threads`` OMP/MKL threads when given."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def run_subprocess(cmd: list[str], log_path: str, env: dict) -> tuple[int, float, float]:
     """(exit code, peak RSS in MiB of that child, wall seconds), the RSS from ``os.wait4``."""
     start = time.perf_counter()
@@ -686,19 +705,8 @@ def main() -> None:
 
     a.out, a.work = os.path.abspath(a.out), os.path.abspath(a.work)
     os.makedirs(a.out, exist_ok=True)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join(
-            filter(None, [os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH")])
-        ),
-    }
+    env = worker_env(a.threads)
     if a.threads:
-        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
         torch.set_num_threads(a.threads)
     report = {
         "config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
