@@ -102,13 +102,13 @@ def work_dir(size: str, args) -> dict:
     (e.g. SmolLM2-135M converted by rlkit/models/gguf.py), that model on the 25m job's prompts and
     data, its own tokenizer counting their tokens."""
     if size in SIZES:
-        return {**make_work_dir(size, args.out), "prompts": os.path.join(args.out, size, "prompts.jsonl")}
+        return make_work_dir(size, args.out)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(size)).parameters())
     job = make_work_dir("25m", args.out)
-    return {**job, "model_dir": size, "params": params, "prompts": os.path.join(args.out, "25m", "prompts.jsonl")}
+    return {**job, "model_dir": size, "params": params}
 
 
 def label(size: str) -> str:

