@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 ROLLOUTS: Registry = Registry("rollout backend", group="rollout")
 
 
+def response_floor(min_new_tokens: int | list[int] | None, greedy: bool, sampling) -> int | list[int]:
+    """The fewest new tokens a backend must sample: as given, else the sampling settings' (0 when greedy)."""
+    if min_new_tokens is not None:
+        return min_new_tokens
+    return 0 if greedy else sampling.min_new_tokens
+
+
 @dataclass
 class HFRolloutSettings(Settings):
     # on CPU, Llama-family models decode through rlkit's hand-written step (rlkit/rollout/decoding.py,
@@ -71,8 +78,7 @@ class HFRollout:
     ) -> Rollout:
         """``num_samples`` responses to each prompt, samples of one prompt adjacent. Length budgets
         are per prompt or shared; ``min_new_tokens`` None: the sampling settings' (0 when greedy)."""
-        if min_new_tokens is None:
-            min_new_tokens = 0 if greedy else self.sampling.min_new_tokens
+        min_new_tokens = response_floor(min_new_tokens, greedy, self.sampling)
         device = next(self.model.parameters()).device
         ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id, device)
         return sample(
@@ -157,8 +163,7 @@ class VllmRollout:
             )
         if not self.loaded:
             self.sync_weights()
-        if min_new_tokens is None:
-            min_new_tokens = 0 if greedy else self.sampling.min_new_tokens
+        min_new_tokens = response_floor(min_new_tokens, greedy, self.sampling)
         samples = self.engine.sample(
             prompt_ids,
             num_samples=num_samples,
