@@ -59,21 +59,26 @@ def fast_overrides(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
     return args + [c for c in changes if key(c) in changed]
 
 
-def two_step_overrides() -> list[str]:
-    """Two training steps of a preset on a small arithmetic split (2 prompts of the preset's group size),
-    with no warm start, evaluation or checkpoint in between."""
+def small_split_overrides(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
+    """:func:`fast_overrides` on a small arithmetic split (64 training and 8 held-out problems, 2 prompts
+    per step), with no warm start and no evaluation before the last one (4 problems, no pass@k)."""
     return fast_overrides(
-        "trainer.max_steps=2",
         "trainer.eval_every=0",
-        "trainer.save_every=0",
         "eval.num_examples=4",
         "eval.pass_k=0",
         "model.warmstart.steps=0",
         "task.options.train_size=64",
         "task.options.test_size=8",
         "trainer.prompts_per_step_global=2",
-        drop=("algo.group_size",),
+        *changes,
+        drop=drop,
     )
+
+
+def two_step_overrides() -> list[str]:
+    """Two training steps of a preset on the small split (2 prompts of the preset's group size), with no
+    checkpoint in between."""
+    return small_split_overrides("trainer.max_steps=2", "trainer.save_every=0", drop=("algo.group_size",))
 
 
 def rlkit_executable() -> str:

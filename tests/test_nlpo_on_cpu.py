@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fast_overrides
+from conftest import small_split_overrides
 
 from rlkit.algos.token_masks import masked_log_probs, top_p_mask
 from rlkit.loops.nlpo import (
@@ -307,18 +307,8 @@ def train_nlpo(tmp_path_factory, compose_config):
     run_dir = tmp_path_factory.mktemp("nlpo")
 
     def _train(max_steps: int) -> Path:
-        overrides = fast_overrides(
-            f"trainer.max_steps={max_steps}",
-            "trainer.eval_every=0",
-            "trainer.save_every=1",
-            "trainer.keep_checkpoints=10",
-            "eval.num_examples=4",
-            "eval.pass_k=0",
-            "model.warmstart.steps=0",
-            "task.options.train_size=64",
-            "task.options.test_size=8",
-            "trainer.prompts_per_step_global=2",
-            "algo.group_size=4",
+        overrides = small_split_overrides(
+            f"trainer.max_steps={max_steps}", "trainer.save_every=1", "trainer.keep_checkpoints=10", "algo.group_size=4"
         )
         cfg = compose_config(
             "algo=nlpo",

@@ -252,21 +252,11 @@ def distinct_characters(prompts, completions, **_) -> list[float]:
 
 
 def train_tppo(compose_config, run_dir: Path, *extra: str) -> list[dict]:
-    from conftest import fast_overrides
+    from conftest import small_split_overrides
 
     from rlkit.trainer import train
 
-    overrides = fast_overrides(
-        "trainer.eval_every=0",
-        "eval.num_examples=4",
-        "eval.pass_k=0",
-        "model.warmstart.steps=0",
-        "task.options.train_size=64",
-        "task.options.test_size=8",
-        "trainer.prompts_per_step_global=2",
-        *extra,
-        drop=("algo.group_size",),
-    )
+    overrides = small_split_overrides(*extra, drop=("algo.group_size",))
     train(
         compose_config(
             "algo=tppo",
