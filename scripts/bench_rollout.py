@@ -43,6 +43,7 @@ from bench_trl import (  # noqa: E402
     SIZES,
     cpu_description,
     make_work_dir,
+    model_params,
     read_jsonl,
     rlkit_command,
     run_subprocess,
@@ -103,12 +104,7 @@ def work_dir(size: str, args) -> dict:
     data, its own tokenizer counting their tokens."""
     if size in SIZES:
         return make_work_dir(size, args.out)
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(size)).parameters())
-    job = make_work_dir("25m", args.out)
-    return {**job, "model_dir": size, "params": params}
+    return {**make_work_dir("25m", args.out), "model_dir": size, "params": model_params(size)}
 
 
 def label(size: str) -> str:

@@ -146,17 +146,25 @@ def real_model_work(size: str, work: str) -> dict:
         "intermediate_size": config.intermediate_size,
         "vocab_size": config.vocab_size,
     }
-    params = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + (
-        non_embedding_params(arch) + config.hidden_size * (2 * config.num_hidden_layers + 1)  # + RMSNorm weights
-    )
     return {
         **prompt_files(work, size),
         "model_dir": model_dir,
         "arch": arch,
-        "params": params,
+        "params": model_params(model_dir),
         "prompt_len": lengths.pop(),
         "chat": True,
     }
+
+
+def model_params(model_dir: str) -> int:
+    """The parameter count of the causal LM saved in ``model_dir``, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).parameters()
+        )
 
 
 def prompt_files(work: str, size: str) -> dict[str, str]:
