@@ -114,7 +114,13 @@ def random_init_work(size: str, work: str) -> dict:
     write_prompts(os.path.join(work, size), rows, chat=False)
     arch = {**SIZES[size], "num_kv_heads": SIZES[size]["num_heads"], "vocab_size": len(tokenizer)}
     params = sum(p.numel() for p in model.parameters())
-    return {**prompt_files(work, size), "model_dir": model_dir, "arch": arch, "params": params}
+    return {
+        **prompt_files(work, size),
+        "model_dir": model_dir,
+        "arch": arch,
+        "params": params,
+        "prompt_len": PROMPT_LEN,
+    }
 
 
 def real_model_work(size: str, work: str) -> dict:
@@ -842,7 +848,7 @@ def main() -> None:
     }
     for size in a.sizes.split(","):
         work = make_work_dir(size, a.work)
-        job = {"arch": work["arch"], "prompt_len": work.get("prompt_len", PROMPT_LEN), "lora": bool(a.lora)}
+        job = {"arch": work["arch"], "prompt_len": work["prompt_len"], "lora": bool(a.lora)}
         dtypes = ["float32"] + (["bfloat16"] if a.dtype == "bf16" else [])
         measure = lambda: {
             f"{dt} {shape} {backend}": matmul_flops_per_s(*dims, dt, backend)

@@ -30,7 +30,6 @@ from bench_trl import (  # noqa: E402
     GROUP,
     MATMUL_BACKENDS,
     NEW_TOKENS,
-    PROMPT_LEN,
     PROMPTS,
     SIZES,
     cpu_description,
@@ -139,7 +138,7 @@ def main() -> None:
         "rollout (sample)": profiled(lambda: sample(model, ids, torch.ones_like(ids), **settings)),
         "update (forward + backward)": profiled(update),
     }
-    shapes = peak_shapes(work["arch"], PROMPT_LEN)
+    shapes = peak_shapes(work["arch"], work["prompt_len"])
     peak = max(matmul_flops_per_s(*dims, dtype, backend) for dims in shapes.values() for backend in MATMUL_BACKENDS)
     lines = [
         f"# Profile of one GRPO step, `{args.size}` model ({work['params'] / 1e6:.1f}M parameters), "
